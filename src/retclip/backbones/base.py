@@ -1,0 +1,92 @@
+"""The Backbone interface: one model that embeds images densely and texts in a joint space.
+
+A backbone is the only model every path of RetCLIP shares (paper §2.1 "Dense Feature Generation",
+§2.2 "Shared Backbone"): one pass per image gives the dense map from which every mask is pooled,
+both for database rows and for queries, and its text tower embeds class names for ``s_clip``.
+A new backbone is one new file in this package implementing :class:`Backbone`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneFingerprint:
+    """What makes two backbones' features comparable.
+
+    A feature database stores the fingerprint of the backbone that built it; queries from a backbone
+    with another fingerprint are refused, because features from different models (or the same model
+    at another resolution or dense mode) do not live in the same space.
+    """
+
+    model_id: str
+    revision: str = ""
+    dense_mode: str = ""
+    input_resolution: int = 0
+
+    def to_dict(self) -> dict[str, str | int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> BackboneFingerprint:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})  # type: ignore[arg-type]
+
+    def key(self) -> str:
+        """A stable string form, used in cache keys."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def __str__(self) -> str:
+        parts = [self.model_id]
+        if self.revision:
+            parts.append(f"rev={self.revision}")
+        if self.dense_mode:
+            parts.append(f"dense={self.dense_mode}")
+        if self.input_resolution:
+            parts.append(f"res={self.input_resolution}")
+        return " ".join(parts)
+
+
+class Backbone(abc.ABC):
+    """Images → dense features ``[B, D, h, w]``; texts → ``[T, D]``; both L2-normalisable.
+
+    Subclasses set :attr:`fingerprint`, :attr:`dim` and :attr:`logit_scale`, and implement
+    :meth:`encode_images` and :meth:`encode_texts`. Image preprocessing (resizing, normalising)
+    belongs to the backbone, so callers always pass plain RGB images.
+    """
+
+    fingerprint: BackboneFingerprint
+    dim: int
+    #: Multiplier of cosine similarities before the softmax of ``s_clip`` (CLIP's is 100).
+    logit_scale: float = 100.0
+    #: Prompt templates filled with each synonym to embed a class name (paper: CLIP prompts).
+    #: ``None`` means the library's default (the 14 ViLD templates FC-CLIP uses).
+    prompt_templates: Sequence[str] | None = None
+    device: torch.device = torch.device("cpu")
+
+    @abc.abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Dense features of a batch of images.
+
+        Args:
+            images: ``[B, 3, H, W]`` float RGB in ``[0, 255]`` (one size per batch).
+
+        Returns:
+            ``[B, D, h, w]`` float features in the joint image–text space, *not* normalised per
+            position (mask pooling averages first and normalises after, as CLIP pools).
+        """
+
+    @abc.abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeddings ``[T, D]`` of full prompt strings (not normalised)."""
+
+    def to(self, device: torch.device | str) -> Backbone:
+        """Move the backbone's weights to ``device``; returns ``self``."""
+        self.device = torch.device(device)
+        return self

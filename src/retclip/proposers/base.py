@@ -1,0 +1,114 @@
+"""The MaskProposer interface: an image (and optionally the vocabulary) → binary mask proposals.
+
+Proposals are class-agnostic masks that the classification paths then label (paper §2.2, "Mask
+Proposal Generation"). A proposer that is prompted by class names (Grounding DINO → SAM) may also
+give a class hint per mask and prune classes it found no evidence for from the image's vocabulary.
+A new proposer is one new file in this package implementing :class:`MaskProposer`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Proposals:
+    """Mask proposals of one image.
+
+    Attributes:
+        masks: ``[N, H, W]`` bool, at the image's size.
+        scores: ``[N]`` float confidence in ``[0, 1]`` (1 for ground truth).
+        class_hints: ``[N]`` int index into the class list given to the proposer, or -1 where the
+            proposer has no hint; ``None`` if the proposer never gives hints.
+        kept_classes: indices of the given classes the proposer kept for this image (it pruned
+            the others); ``None`` means no pruning.
+        boxes: ``[N, 4]`` float XYXY boxes in pixels; ``None`` to derive them from the masks.
+        s_iv: ``[N, C]`` in-vocabulary class probabilities from a proposer trained on a
+            labelled dataset (FC-CLIP's in-vocabulary path, paper §2.2), or ``None``.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    class_hints: np.ndarray | None = None
+    kept_classes: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    s_iv: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.masks.ndim != 3:
+            raise ValueError(f"masks must be [N, H, W], got shape {self.masks.shape}")
+        self.masks = self.masks.astype(bool, copy=False)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        n = self.masks.shape[0]
+        if self.scores.shape[0] != n:
+            raise ValueError(f"{n} masks but {self.scores.shape[0]} scores")
+        if self.class_hints is not None:
+            self.class_hints = np.asarray(self.class_hints, dtype=np.int64).reshape(-1)
+            if self.class_hints.shape[0] != n:
+                raise ValueError(f"{n} masks but {self.class_hints.shape[0]} class hints")
+        if self.boxes is None:
+            self.boxes = masks_to_boxes(self.masks)
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(n, 4)
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+    def select(self, keep: np.ndarray) -> Proposals:
+        """The proposals at ``keep`` (bool mask or indices), vocabulary pruning unchanged."""
+        return Proposals(
+            masks=self.masks[keep],
+            scores=self.scores[keep],
+            class_hints=None if self.class_hints is None else self.class_hints[keep],
+            kept_classes=self.kept_classes,
+            boxes=None if self.boxes is None else self.boxes[keep],
+            s_iv=None if self.s_iv is None else self.s_iv[keep],
+        )
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight XYXY boxes ``[N, 4]`` (x1, y1 exclusive) of ``[N, H, W]`` bool masks; 0s if empty."""
+    n = masks.shape[0]
+    boxes = np.zeros((n, 4), dtype=np.float32)
+    if n == 0:
+        return boxes
+    rows = masks.any(axis=2)  # [N, H]
+    cols = masks.any(axis=1)  # [N, W]
+    nonempty = rows.any(axis=1)
+    h, w = masks.shape[1:]
+    y0 = rows.argmax(axis=1)
+    y1 = h - rows[:, ::-1].argmax(axis=1)
+    x0 = cols.argmax(axis=1)
+    x1 = w - cols[:, ::-1].argmax(axis=1)
+    boxes[:] = np.stack([x0, y0, x1, y1], axis=1)
+    boxes[~nonempty] = 0
+    return boxes
+
+
+class MaskProposer(abc.ABC):
+    """Image (+ optional class names) → :class:`Proposals`."""
+
+    #: Short name used on the command line (``--proposer NAME``).
+    name: str = ""
+
+    @abc.abstractmethod
+    def propose(
+        self,
+        image: np.ndarray,
+        classes: Sequence[str] | None = None,
+        *,
+        source: str | Path | None = None,
+    ) -> Proposals:
+        """Masks for one image.
+
+        Args:
+            image: ``[H, W, 3]`` uint8 RGB.
+            classes: class names (first synonym of each class) the user asked for; a
+                class-prompted proposer uses them and may prune them.
+            source: where the image came from (a path); proposers that look masks up by image
+                (ground truth) need it.
+        """

@@ -1,0 +1,27 @@
+"""The retrieval feature database (paper §2.1) and its FAISS indexes (paper §2.2)."""
+
+from __future__ import annotations
+
+from retclip.database.index import (
+    INDEX_TYPES,
+    IndexSpec,
+    build_index,
+    default_nlist,
+    load_index,
+    save_index,
+    search_index,
+)
+from retclip.database.store import FORMAT_VERSION, DatabaseLabel, FeatureDatabase
+
+__all__ = [
+    "FORMAT_VERSION",
+    "INDEX_TYPES",
+    "DatabaseLabel",
+    "FeatureDatabase",
+    "IndexSpec",
+    "build_index",
+    "default_nlist",
+    "load_index",
+    "save_index",
+    "search_index",
+]

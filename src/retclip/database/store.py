@@ -1,0 +1,990 @@
+"""The on-disk feature database: mask-pooled segment features with class labels (paper §2.1).
+
+Each row is one segment: its L2-normalised backbone feature (dim ``D``), the id of its class label
+and where it came from. At inference a segment feature retrieves its ``k`` most similar rows
+(inner product of unit vectors = cosine) through a FAISS index (paper §2.2, retrieval path).
+
+Directory format (``format_version`` 1)::
+
+    DB/
+      meta.json          human-readable (indent=2), the commit point; see below
+      shards/NNNNNN.npz  one per commit (uncompressed npz):
+                           features    [n, D] float16 | float32 (unit rows)
+                           label_ids   [n] int32, index into meta.json "labels"
+                           sources     [n] unicode, the image each row was pooled from
+                           boxes       [n, 4] float32, XYXY pixels (NaN when unknown)
+                           mask_areas  [n] int64, mask pixels (-1 when unknown)
+                           scores      [n] float32, detector confidence (NaN when unknown)
+                           build_ids   [n] unicode, the build that added the row
+      index.faiss        the persisted FAISS index (not written for "flat": rebuilding an exact
+                         index is a copy of the features, and persisting it would double the disk)
+      .lock              flock(2) file serialising writers
+
+``meta.json`` holds ``format_version``, ``fingerprint`` (the backbone's, see
+:class:`~retclip.backbones.base.BackboneFingerprint`), ``dim``, ``dtype`` (``"float16"`` default or
+``"float32"``), ``metric`` (``"inner_product"``), ``rows``, ``rows_per_class`` ``{label: n}``,
+``labels`` ``[{"name", "synonyms"}]`` (a label's id is its position), ``index`` (the
+:class:`~retclip.database.index.IndexSpec` as ``{type, params}``), ``index_file`` (``null`` or
+``{file, spec, generation, rows, bytes, sha256}``: the build parameters and data generation the
+persisted index was built for, and its checksum), ``shards`` (``[{file, rows, bytes, sha256,
+build_ids, completed_sources}]`` where ``completed_sources`` maps a build id to the sources that
+commit finished), ``generation`` (bumped by every data commit) and ``created``/``updated`` (UTC ISO
+timestamps). Row ``i`` of the database is row ``i`` of the concatenated shards, in listed order.
+
+Commit protocol: a shard is written to a temporary name in ``shards/``, fsynced and renamed
+(``os.replace``) to its final name; then ``meta.json`` is written the same way. Replacing
+``meta.json`` is the commit point: a shard not listed there (left by a crash) is ignored, and
+deleted by the next write. A crash at any instant therefore leaves the database at its previous
+or its next committed state, never half-written and never with rows counted twice. Writers hold an
+exclusive ``flock`` on ``.lock`` and re-read ``meta.json`` under it, so concurrent writers
+serialise instead of losing commits. A :class:`FeatureDatabase` object reads a snapshot: commits by
+other processes become visible when it is reopened or writes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retclip.backbones.base import BackboneFingerprint
+from retclip.database.index import (
+    IndexSpec,
+    build_index,
+    file_sha256,
+    fsync_dir,
+    load_index,
+    save_index,
+    search_index,
+    temp_path,
+)
+from retclip.errors import DatabaseError, DatabaseMismatchError, InputError
+
+FORMAT_VERSION = 1
+METRIC = "inner_product"
+DTYPES = ("float16", "float32")
+META_NAME = "meta.json"
+SHARD_DIR = "shards"
+INDEX_NAME = "index.faiss"
+LOCK_NAME = ".lock"
+_SHARD_NAME = re.compile(r"^\d{6,}\.npz$")
+_PROVENANCE_KEYS = ("sources", "boxes", "mask_areas", "scores", "build_ids")
+_SHARD_KEYS = ("features", "label_ids", *_PROVENANCE_KEYS)
+# Expected (dtype kind, trailing shape) of each shard array; features are checked separately.
+_COLUMN_KINDS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "label_ids": ("i", ()),
+    "sources": ("U", ()),
+    "boxes": ("f", (4,)),
+    "mask_areas": ("i", ()),
+    "scores": ("f", ()),
+    "build_ids": ("U", ()),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseLabel:
+    """A class label of the database: its name and the synonyms used to embed it as text."""
+
+    name: str
+    synonyms: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class _Rows:
+    """Columns of a set of rows, as stored (features in the database dtype)."""
+
+    features: np.ndarray  # [n, D]
+    label_ids: np.ndarray  # [n] int32
+    sources: np.ndarray  # [n] unicode
+    boxes: np.ndarray  # [n, 4] float32
+    mask_areas: np.ndarray  # [n] int64
+    scores: np.ndarray  # [n] float32
+    build_ids: np.ndarray  # [n] unicode
+
+    def __len__(self) -> int:
+        return int(self.label_ids.shape[0])
+
+    def select(self, keep: np.ndarray) -> _Rows:
+        return _Rows(**{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
+
+    @classmethod
+    def concat(cls, parts: Sequence[_Rows], dim: int, dtype: str) -> _Rows:
+        if not parts:
+            return cls.empty(dim, dtype)
+        return cls(
+            **{
+                f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                for f in dataclasses.fields(cls)
+            }
+        )
+
+    @classmethod
+    def empty(cls, dim: int, dtype: str) -> _Rows:
+        return cls(
+            features=np.zeros((0, dim), dtype=dtype),
+            label_ids=np.zeros(0, np.int32),
+            sources=np.zeros(0, dtype="<U1"),
+            boxes=np.zeros((0, 4), np.float32),
+            mask_areas=np.zeros(0, np.int64),
+            scores=np.zeros(0, np.float32),
+            build_ids=np.zeros(0, dtype="<U1"),
+        )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Write ``path`` via ``write(handle)`` on a temp file in the same directory, fsync, replace."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _write_meta(db_path: Path, meta: dict[str, Any]) -> None:
+    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    _write_atomic(db_path / META_NAME, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _write_shard(shard_dir: Path, number: int, rows: _Rows) -> dict[str, Any]:
+    """Write ``rows`` as shard ``number`` atomically; returns its meta.json entry (sans builds)."""
+    name = f"{number:06d}.npz"
+    arrays = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
+    _write_atomic(shard_dir / name, lambda handle: np.savez(handle, **arrays))
+    path = shard_dir / name
+    return {
+        "file": name,
+        "rows": len(rows),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+
+
+@contextmanager
+def _locked(db_path: Path) -> Iterator[None]:
+    """Hold the database's exclusive writer lock."""
+    try:
+        fd = os.open(db_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise DatabaseError(
+            f"cannot write to feature database {db_path}: {error.strerror}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _corrupt(meta_path: Path, what: str) -> DatabaseError:
+    return DatabaseError(f"corrupt feature database meta file {meta_path}: {what}")
+
+
+def _read_meta(db_path: Path) -> dict[str, Any]:
+    """Read and validate ``meta.json``; anything malformed → :class:`DatabaseError`."""
+    meta_path = db_path / META_NAME
+    if not meta_path.is_file():
+        raise DatabaseError(f"no feature database at {db_path} (no {META_NAME})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(meta_path, f"not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise _corrupt(meta_path, "expected a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _corrupt(meta_path, f"format_version {version!r}; expected {FORMAT_VERSION}")
+    expected: dict[str, type | tuple[type, ...]] = {
+        "fingerprint": dict,
+        "dim": int,
+        "dtype": str,
+        "rows": int,
+        "rows_per_class": dict,
+        "labels": list,
+        "index": dict,
+        "shards": list,
+        "generation": int,
+    }
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            raise _corrupt(meta_path, f"missing or malformed {key!r}")
+    if meta["dtype"] not in DTYPES:
+        raise _corrupt(meta_path, f"dtype {meta['dtype']!r}; expected one of {DTYPES}")
+    for label in meta["labels"]:
+        if not (
+            isinstance(label, dict)
+            and isinstance(label.get("name"), str)
+            and isinstance(label.get("synonyms"), list)
+        ):
+            raise _corrupt(meta_path, f"malformed label {label!r}")
+    for shard in meta["shards"]:
+        if not (
+            isinstance(shard, dict)
+            and isinstance(shard.get("file"), str)
+            and _SHARD_NAME.match(shard["file"])
+            and isinstance(shard.get("rows"), int)
+            and isinstance(shard.get("bytes"), int)
+            and isinstance(shard.get("sha256"), str)
+            and isinstance(shard.get("build_ids"), list)
+            and isinstance(shard.get("completed_sources"), dict)
+        ):
+            raise _corrupt(meta_path, f"malformed shard entry {shard!r}")
+    if sum(shard["rows"] for shard in meta["shards"]) != meta["rows"]:
+        raise _corrupt(meta_path, "shard row counts do not add up to 'rows'")
+    try:
+        IndexSpec.from_dict(meta["index"])
+        BackboneFingerprint.from_dict(meta["fingerprint"])
+    except (InputError, TypeError) as error:
+        raise _corrupt(meta_path, str(error)) from None
+    meta.setdefault("index_file", None)
+    return meta
+
+
+def _check_shard_files(db_path: Path, meta: dict[str, Any], verify: bool) -> None:
+    """Every listed shard must exist with its recorded size (and checksum when ``verify``)."""
+    for shard in meta["shards"]:
+        path = db_path / SHARD_DIR / shard["file"]
+        if not path.is_file():
+            raise DatabaseError(
+                f"corrupt feature database {db_path}: shard {path} listed in {META_NAME} is missing"
+            )
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise DatabaseError(
+                f"corrupt shard {path}: {size} bytes, {META_NAME} records {shard['bytes']} "
+                "(truncated or overwritten)"
+            )
+        if verify and file_sha256(path) != shard["sha256"]:
+            raise DatabaseError(f"corrupt shard {path}: sha256 differs from {META_NAME}")
+
+
+def _read_shard(
+    db_path: Path, meta: dict[str, Any], shard: dict[str, Any], keys: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Load ``keys`` of one shard, checking their dtypes and shapes against ``meta``."""
+    path = db_path / SHARD_DIR / shard["file"]
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in keys}
+    except FileNotFoundError:
+        raise DatabaseError(
+            f"shard {path} is missing (the database changed on disk; reopen it)"
+        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise DatabaseError(f"corrupt shard {path}: {error}") from None
+    n = shard["rows"]
+    for key, array in arrays.items():
+        if key == "features":
+            ok = array.shape == (n, meta["dim"]) and array.dtype == np.dtype(meta["dtype"])
+        else:
+            kind, tail = _COLUMN_KINDS[key]
+            ok = array.dtype.kind == kind and array.shape == (n, *tail)
+        if not ok:
+            raise DatabaseError(
+                f"corrupt shard {path}: {key} has shape {array.shape} {array.dtype}, "
+                f"expected {n} rows"
+            )
+    labels = arrays.get("label_ids")
+    if (
+        labels is not None
+        and labels.size
+        and (labels.min() < 0 or labels.max() >= len(meta["labels"]))
+    ):
+        raise DatabaseError(f"corrupt shard {path}: label ids outside the label table")
+    return arrays
+
+
+def _read_rows(db_path: Path, meta: dict[str, Any]) -> _Rows:
+    """All rows of the snapshot ``meta``, features in the stored dtype."""
+    parts = [_Rows(**_read_shard(db_path, meta, shard, _SHARD_KEYS)) for shard in meta["shards"]]
+    rows = _Rows.concat(parts, meta["dim"], meta["dtype"])
+    rows.label_ids = rows.label_ids.astype(np.int32, copy=False)
+    return rows
+
+
+def _merge_completed(records: Iterable[Mapping[str, Sequence[str]]]) -> dict[str, set[str]]:
+    merged: dict[str, set[str]] = {}
+    for record in records:
+        for build_id, sources in record.items():
+            merged.setdefault(build_id, set()).update(sources)
+    return merged
+
+
+def _string_array(values: Sequence[str], what: str, n: int | None) -> np.ndarray:
+    array = np.asarray(list(values))
+    if array.size == 0:
+        array = array.astype("<U1")
+    if array.ndim != 1 or array.dtype.kind != "U":
+        raise InputError(f"{what} must be a sequence of strings; got {array.dtype} {array.shape}")
+    if n is not None and array.shape[0] != n:
+        raise InputError(f"{what} has {array.shape[0]} entries; expected {n} (one per row)")
+    return array
+
+
+def _column(
+    values: Any, what: str, shape: tuple[int, ...], dtype: type, fill: float | int
+) -> np.ndarray:
+    if values is None:
+        return np.full(shape, fill, dtype=dtype)
+    array = np.asarray(values)
+    if array.shape != shape or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{what} has shape {array.shape} {array.dtype}; expected numbers {shape}")
+    return array.astype(dtype)
+
+
+class FeatureDatabase:
+    """A directory of labelled, L2-normalised segment features with a FAISS index.
+
+    Create with :meth:`create`, open with :meth:`open`. Every write (:meth:`add`,
+    :meth:`remove_classes`, :meth:`remove_sources`) is one atomic commit; see the module docstring
+    for the format and the crash-safety argument.
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self._path = path
+        self._meta = meta
+        self._features: np.ndarray | None = None
+        self._columns: dict[str, np.ndarray] | None = None
+        self._index: faiss.Index | None = None
+        self._index_key: tuple[int, str] | None = None
+
+    # -- creation -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        fingerprint: BackboneFingerprint,
+        dim: int,
+        dtype: str = "float16",
+        index: IndexSpec | None = None,
+        exist_ok: bool = False,
+    ) -> FeatureDatabase:
+        """Create an empty database at ``path`` (a new or empty directory).
+
+        With ``exist_ok`` an existing database is opened instead; it must have been built with the
+        same ``fingerprint`` and ``dim`` (else :class:`DatabaseMismatchError`), keeps its dtype,
+        and takes ``index`` as its index spec when given.
+        """
+        db_path = Path(path)
+        if dtype not in DTYPES:
+            raise InputError(f"database dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise InputError(f"database dim {dim!r}; expected a positive integer")
+        if (db_path / META_NAME).exists():
+            if not exist_ok:
+                raise DatabaseError(
+                    f"a feature database already exists at {db_path} (open it, or pass exist_ok)"
+                )
+            db = cls.open(db_path)
+            db.check_compatible(fingerprint, dim)
+            if index is not None and index != db.index_spec:
+                db._record_spec(index)
+            return db
+        if db_path.exists() and (not db_path.is_dir() or any(db_path.iterdir())):
+            raise DatabaseError(
+                f"{db_path} exists and is not a feature database (no {META_NAME}); "
+                "expected a new or empty directory"
+            )
+        (db_path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        now = _now()
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint.to_dict(),
+            "dim": dim,
+            "dtype": dtype,
+            "metric": METRIC,
+            "rows": 0,
+            "rows_per_class": {},
+            "labels": [],
+            "index": (index or IndexSpec()).to_dict(),
+            "index_file": None,
+            "shards": [],
+            "generation": 0,
+            "created": now,
+            "updated": now,
+        }
+        with _locked(db_path):
+            _write_meta(db_path, meta)
+        return cls(db_path, meta)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, verify: bool = True) -> FeatureDatabase:
+        """Open the database at ``path``.
+
+        Checks that every shard listed in ``meta.json`` exists with its recorded size and, when
+        ``verify``, its SHA-256 (reads every shard once). Problems → :class:`DatabaseError`.
+        """
+        db_path = Path(path)
+        meta = _read_meta(db_path)
+        _check_shard_files(db_path, meta, verify)
+        return cls(db_path, meta)
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def fingerprint(self) -> BackboneFingerprint:
+        return BackboneFingerprint.from_dict(self._meta["fingerprint"])
+
+    @property
+    def dim(self) -> int:
+        return int(self._meta["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self._meta["dtype"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._meta["rows"])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def labels(self) -> list[DatabaseLabel]:
+        """The label table; a row's label id indexes this list."""
+        return [DatabaseLabel(d["name"], tuple(d["synonyms"])) for d in self._meta["labels"]]
+
+    @property
+    def generation(self) -> int:
+        """Counter bumped by every data commit (identifies a snapshot of the rows)."""
+        return int(self._meta["generation"])
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        return IndexSpec.from_dict(self._meta["index"])
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureDatabase({str(self._path)!r}, rows={self.num_rows}, "
+            f"labels={len(self._meta['labels'])}, dim={self.dim}, {self.fingerprint})"
+        )
+
+    # -- reading --------------------------------------------------------------------------
+
+    def features(self) -> np.ndarray:
+        """All features ``[R, D]`` float32 (unit rows), loaded on first use and cached."""
+        if self._features is None:
+            out = np.empty((self.num_rows, self.dim), dtype=np.float32)
+            start = 0
+            for shard in self._meta["shards"]:
+                part = _read_shard(self._path, self._meta, shard, ("features",))["features"]
+                out[start : start + shard["rows"]] = part
+                start += shard["rows"]
+            self._features = out
+        return self._features
+
+    def _load_columns(self) -> dict[str, np.ndarray]:
+        if self._columns is None:
+            keys = ("label_ids", *_PROVENANCE_KEYS)
+            parts = [_read_shard(self._path, self._meta, s, keys) for s in self._meta["shards"]]
+            empty = _Rows.empty(self.dim, self.dtype)
+            self._columns = {
+                key: np.concatenate([p[key] for p in parts]) if parts else getattr(empty, key)
+                for key in keys
+            }
+            self._columns["label_ids"] = self._columns["label_ids"].astype(np.int32, copy=False)
+        return self._columns
+
+    def label_ids(self) -> np.ndarray:
+        """Label id of every row, ``[R]`` int32 (index into :attr:`labels`)."""
+        return self._load_columns()["label_ids"]
+
+    def provenance(self) -> dict[str, np.ndarray]:
+        """Per-row ``sources`` [R] str, ``boxes`` [R, 4] float32 XYXY px, ``mask_areas`` [R] int64,
+        ``scores`` [R] float32 and ``build_ids`` [R] str (NaN / -1 where unknown)."""
+        columns = self._load_columns()
+        return {key: columns[key] for key in _PROVENANCE_KEYS}
+
+    def rows_per_class(self) -> dict[str, int]:
+        """``{label name: row count}`` in label-id order."""
+        return {str(k): int(v) for k, v in self._meta["rows_per_class"].items()}
+
+    def completed_sources(self, build_id: str) -> set[str]:
+        """Sources that commits of ``build_id`` finished (rows added or recorded as done): an
+        interrupted build resumes by skipping them."""
+        done: set[str] = set()
+        for shard in self._meta["shards"]:
+            done.update(shard["completed_sources"].get(build_id, ()))
+        return done
+
+    def check_compatible(self, fingerprint: BackboneFingerprint, dim: int) -> None:
+        """Refuse queries from a backbone other than the one that built the database."""
+        if fingerprint != self.fingerprint or dim != self.dim:
+            raise DatabaseMismatchError(
+                f"database {self._path} was built with backbone {self.fingerprint} "
+                f"(dim {self.dim}); the query backbone is {fingerprint} (dim {dim}): rebuild the "
+                "database with this backbone or pick the matching one"
+            )
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary (for ``retclip db info``)."""
+        meta = self._meta
+        record = meta.get("index_file")
+        spec = self.index_spec
+        return {
+            "path": str(self._path),
+            "format_version": meta["format_version"],
+            "rows": self.num_rows,
+            "labels": len(meta["labels"]),
+            "rows_per_class": self.rows_per_class(),
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "metric": meta.get("metric", METRIC),
+            "fingerprint": dict(meta["fingerprint"]),
+            "index": {
+                **spec.to_dict(),
+                "text": str(spec),
+                "persisted": self._record_is_current(record, spec),
+            },
+            "shards": len(meta["shards"]),
+            "bytes": sum(s["bytes"] for s in meta["shards"]),
+            "build_ids": sorted({b for s in meta["shards"] for b in s["build_ids"]}),
+            "generation": self.generation,
+            "created": meta.get("created"),
+            "updated": meta.get("updated"),
+        }
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def _writing(self) -> Iterator[dict[str, Any]]:
+        """Lock, re-read the committed meta.json, drop crash leftovers; yields that meta."""
+        with _locked(self._path):
+            meta = _read_meta(self._path)
+            self._clean_orphans(meta)
+            yield meta
+
+    def _clean_orphans(self, meta: dict[str, Any]) -> None:
+        """Delete shards not listed in ``meta`` and temp files left by a crashed writer."""
+        listed = {shard["file"] for shard in meta["shards"]}
+        shard_dir = self._path / SHARD_DIR
+        shard_dir.mkdir(exist_ok=True)
+        for entry in shard_dir.iterdir():
+            if entry.name not in listed and entry.is_file():
+                entry.unlink(missing_ok=True)
+        for entry in self._path.glob(".*.tmp-*"):
+            entry.unlink(missing_ok=True)
+
+    def _refresh(self, meta: dict[str, Any]) -> None:
+        if meta["generation"] != self._meta["generation"]:
+            self._features = None
+            self._columns = None
+        self._meta = meta
+
+    def _commit(
+        self,
+        meta: dict[str, Any],
+        rows: _Rows,
+        labels: list[DatabaseLabel],
+        build_ids: Iterable[str],
+        completed: Mapping[str, Iterable[str]],
+        *,
+        replace: bool,
+    ) -> None:
+        """Write ``rows`` as a new shard and commit ``meta`` (appended, or replacing all shards)."""
+        number = 1 + max((int(s["file"].split(".")[0]) for s in meta["shards"]), default=0)
+        entry = _write_shard(self._path / SHARD_DIR, number, rows)
+        entry["build_ids"] = sorted(set(build_ids))
+        entry["completed_sources"] = {b: sorted(s) for b, s in sorted(completed.items())}
+        counts = np.bincount(rows.label_ids, minlength=len(labels))
+        old_files = [s["file"] for s in meta["shards"]]
+        if replace:
+            meta["shards"] = [entry]
+            meta["rows"] = len(rows)
+        else:
+            prior = np.array([meta["rows_per_class"].get(label.name, 0) for label in labels])
+            counts = counts + prior.astype(np.int64)
+            meta["shards"].append(entry)
+            meta["rows"] += len(rows)
+        meta["labels"] = [{"name": lb.name, "synonyms": list(lb.synonyms)} for lb in labels]
+        meta["rows_per_class"] = {lb.name: int(c) for lb, c in zip(labels, counts, strict=True)}
+        meta["generation"] += 1
+        meta["updated"] = _now()
+        _write_meta(self._path, meta)
+        if replace:
+            for name in old_files:
+                (self._path / SHARD_DIR / name).unlink(missing_ok=True)
+            fsync_dir(self._path / SHARD_DIR)
+        self._refresh(meta)
+
+    def add(
+        self,
+        features: np.ndarray,
+        labels: Sequence[str],
+        *,
+        sources: Sequence[str],
+        boxes: np.ndarray | None = None,
+        mask_areas: np.ndarray | None = None,
+        scores: np.ndarray | None = None,
+        build_id: str = "",
+        synonyms: Mapping[str, Sequence[str]] | None = None,
+        completed_sources: Sequence[str] = (),
+    ) -> int:
+        """Append rows in one atomic commit (one shard); returns the number of rows added.
+
+        Args:
+            features: ``[n, D]`` real features; L2-normalised here (so similarities are cosines)
+                and stored in the database dtype.
+            labels: ``n`` class names; a new name gets the next label id, with synonyms from
+                ``synonyms`` (else ``(name,)``); an existing label's synonyms are extended.
+            sources: ``n`` image identifiers the rows were pooled from.
+            boxes, mask_areas, scores: optional ``[n, 4]`` XYXY px, ``[n]`` pixels, ``[n]``
+                detector confidences (unknown → NaN, -1, NaN).
+            build_id: names the build run, for :meth:`completed_sources`.
+            completed_sources: sources this commit finishes, also those that gave no rows (``n``
+                may be 0 then). Sources of the added rows count as finished too.
+        """
+        feats = np.asarray(features)
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise InputError(
+                f"features have shape {feats.shape}; expected [n, {self.dim}] for database "
+                f"{self._path}"
+            )
+        if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
+            raise InputError(f"features have dtype {feats.dtype}; expected real numbers")
+        feats = feats.astype(np.float32)
+        n = feats.shape[0]
+        if not np.isfinite(feats).all():
+            raise InputError("features contain NaN or infinite values; expected finite numbers")
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        if (norms == 0).any():
+            bad = int(np.flatnonzero(norms[:, 0] == 0)[0])
+            raise InputError(f"feature row {bad} is all zeros; cannot L2-normalise it")
+        feats /= norms
+        label_arr = _string_array(labels, "labels", n)
+        if (label_arr == "").any():
+            raise InputError("labels contain an empty name; expected non-empty class names")
+        source_arr = _string_array(sources, "sources", n)
+        done = _string_array(completed_sources, "completed_sources", None)
+        if n == 0 and done.size == 0:
+            raise InputError("nothing to add: no feature rows and no completed_sources")
+        if not isinstance(build_id, str):
+            raise InputError(f"build_id {build_id!r}; expected a string")
+        box_arr = _column(boxes, "boxes", (n, 4), np.float32, np.nan)
+        area_arr = _column(mask_areas, "mask_areas", (n,), np.int64, -1)
+        score_arr = _column(scores, "scores", (n,), np.float32, np.nan)
+        extra = dict(synonyms or {})
+
+        with self._writing() as meta:
+            table = [DatabaseLabel(d["name"], tuple(d["synonyms"])) for d in meta["labels"]]
+            ids = {label.name: i for i, label in enumerate(table)}
+            names, inverse = np.unique(label_arr, return_inverse=True)
+            for name in names.tolist():
+                wanted = tuple(dict.fromkeys(str(s) for s in extra.get(name, ())))
+                if name in ids:
+                    old = table[ids[name]]
+                    table[ids[name]] = DatabaseLabel(
+                        name, tuple(dict.fromkeys(old.synonyms + wanted))
+                    )
+                else:
+                    ids[name] = len(table)
+                    table.append(DatabaseLabel(name, wanted or (name,)))
+            lookup = np.array([ids[name] for name in names.tolist()], dtype=np.int32)
+            rows = _Rows(
+                features=feats.astype(meta["dtype"]),
+                label_ids=lookup[inverse.reshape(-1)].astype(np.int32),
+                sources=source_arr,
+                boxes=box_arr,
+                mask_areas=area_arr,
+                scores=score_arr,
+                build_ids=np.full(n, build_id, dtype=f"<U{max(len(build_id), 1)}"),
+            )
+            finished = set(np.unique(source_arr).tolist()) | set(done.tolist())
+            self._commit(meta, rows, table, [build_id], {build_id: finished}, replace=False)
+        return n
+
+    def remove_classes(self, names: Sequence[str]) -> int:
+        """Delete every row of the named classes (one compacted shard); returns rows removed.
+
+        Unknown names → :class:`InputError`. Labels left without rows leave the label table, so
+        label ids are renumbered.
+        """
+        wanted = set(_string_array(names, "class names", None).tolist())
+        with self._writing() as meta:
+            known = [d["name"] for d in meta["labels"]]
+            unknown = sorted(wanted - set(known))
+            if unknown:
+                shown = ", ".join(known[:50])
+                if len(known) > 50:
+                    shown += f", … ({len(known) - 50} more)"
+                raise InputError(
+                    f"unknown class(es) {', '.join(map(repr, unknown))} in database {self._path}; "
+                    f"known labels: {shown or '(none)'}"
+                )
+            drop = np.array([i for i, name in enumerate(known) if name in wanted], dtype=np.int32)
+            rows = _read_rows(self._path, meta)
+            keep = ~np.isin(rows.label_ids, drop)
+            completed = _merge_completed(s["completed_sources"] for s in meta["shards"])
+            return self._compact(meta, rows, keep, completed)
+
+    def remove_sources(self, sources: Sequence[str]) -> int:
+        """Delete every row pooled from ``sources`` and forget them as completed (one compacted
+        shard); returns rows removed. Labels left without rows leave the label table."""
+        gone = _string_array(sources, "sources", None)
+        gone_set = set(gone.tolist())
+        with self._writing() as meta:
+            rows = _read_rows(self._path, meta)
+            keep = ~np.isin(rows.sources, gone)
+            completed = _merge_completed(s["completed_sources"] for s in meta["shards"])
+            forgotten = any(done & gone_set for done in completed.values())
+            if keep.all() and not forgotten:
+                return 0
+            completed = {b: done - gone_set for b, done in completed.items()}
+            return self._compact(meta, rows, keep, completed)
+
+    def _compact(
+        self,
+        meta: dict[str, Any],
+        rows: _Rows,
+        keep: np.ndarray,
+        completed: Mapping[str, Iterable[str]],
+    ) -> int:
+        """Commit the rows where ``keep`` as the only shard, dropping labels left without rows."""
+        kept = rows.select(keep)
+        used = np.unique(kept.label_ids)
+        remap = np.full(len(meta["labels"]), -1, dtype=np.int32)
+        remap[used] = np.arange(used.size, dtype=np.int32)
+        kept.label_ids = remap[kept.label_ids]
+        labels = [
+            DatabaseLabel(meta["labels"][i]["name"], tuple(meta["labels"][i]["synonyms"]))
+            for i in used.tolist()
+        ]
+        build_ids = {b for s in meta["shards"] for b in s["build_ids"]}
+        self._commit(meta, kept, labels, build_ids, completed, replace=True)
+        return len(rows) - len(kept)
+
+    @classmethod
+    def merge(
+        cls,
+        out_path: str | os.PathLike[str],
+        databases: Sequence[FeatureDatabase],
+        *,
+        dtype: str | None = None,
+    ) -> FeatureDatabase:
+        """Write the union of ``databases`` as a new database at ``out_path`` (new or empty dir).
+
+        All inputs must share fingerprint and dim (else :class:`DatabaseMismatchError`). Labels
+        are unified by name (synonyms unioned), provenance and completed sources are kept, the
+        index spec is the first input's. ``dtype`` defaults to the inputs' common dtype (float32
+        when they differ). The output appears atomically (built in a sibling temp dir, renamed).
+        """
+        if not databases:
+            raise InputError("merge needs at least one database")
+        first = databases[0]
+        for db in databases[1:]:
+            if db.fingerprint != first.fingerprint or db.dim != first.dim:
+                raise DatabaseMismatchError(
+                    f"cannot merge database {db.path} (backbone {db.fingerprint}, dim {db.dim}) "
+                    f"with {first.path} (backbone {first.fingerprint}, dim {first.dim}): merged "
+                    "databases must share one backbone"
+                )
+        dtypes = {db.dtype for db in databases}
+        out_dtype = dtype or (dtypes.pop() if len(dtypes) == 1 else "float32")
+        out = Path(out_path)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DatabaseError(f"cannot merge into {out}: it exists and is not an empty directory")
+        table: dict[str, tuple[str, ...]] = {}
+        parts: list[_Rows] = []
+        for db in databases:
+            rows = _read_rows(db.path, db._meta)
+            for label in db.labels:
+                table[label.name] = tuple(dict.fromkeys(table.get(label.name, ()) + label.synonyms))
+            position = {name: i for i, name in enumerate(table)}
+            lookup = np.array([position[label.name] for label in db.labels], dtype=np.int32)
+            if len(rows):
+                rows.label_ids = lookup[rows.label_ids]
+            rows.features = rows.features.astype(out_dtype)
+            parts.append(rows)
+        merged = _Rows.concat(parts, first.dim, out_dtype)
+        labels = [DatabaseLabel(name, synonyms) for name, synonyms in table.items()]
+        completed = _merge_completed(
+            s["completed_sources"] for db in databases for s in db._meta["shards"]
+        )
+        build_ids = {b for db in databases for s in db._meta["shards"] for b in s["build_ids"]}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+        try:
+            staged = cls.create(
+                tmp / "db",
+                fingerprint=first.fingerprint,
+                dim=first.dim,
+                dtype=out_dtype,
+                index=first.index_spec,
+            )
+            staged._commit(staged._meta, merged, labels, build_ids, completed, replace=True)
+            if out.exists():
+                out.rmdir()
+            os.rename(tmp / "db", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(out, verify=False)
+
+    # -- index and search -----------------------------------------------------------------
+
+    def _record_spec(self, spec: IndexSpec) -> dict[str, Any]:
+        with self._writing() as meta:
+            meta["index"] = spec.to_dict()
+            drop_file = spec.type == "flat" and meta.get("index_file") is not None
+            if drop_file:
+                meta["index_file"] = None
+            _write_meta(self._path, meta)
+            if drop_file:
+                (self._path / INDEX_NAME).unlink(missing_ok=True)
+        self._refresh(meta)
+        return meta
+
+    def set_index(self, spec: IndexSpec) -> None:
+        """Make ``spec`` the database's index; (re)builds and persists it now if needed."""
+        self._record_spec(spec)
+        self._ensure_index()
+
+    def _record_is_current(self, record: Any, spec: IndexSpec) -> bool:
+        return (
+            isinstance(record, dict)
+            and record.get("generation") == self.generation
+            and record.get("spec") == spec.build_params()
+        )
+
+    def _load_persisted_index(self, spec: IndexSpec) -> faiss.Index | None:
+        """The persisted index if it was built for this data and spec and is intact."""
+        record = self._meta.get("index_file")
+        if spec.type == "flat" or record is None or not self._record_is_current(record, spec):
+            return None
+        path = self._path / INDEX_NAME
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif file_sha256(path) != record.get("sha256"):
+            problem = f"does not match its sha256 in {META_NAME} (corrupt)"
+        else:
+            try:
+                index = load_index(path)
+            except DatabaseError:
+                problem = "is unreadable (corrupt)"
+            else:
+                if index.ntotal == self.num_rows and index.d == self.dim:
+                    return index
+                problem = f"holds {index.ntotal} rows of dim {index.d} (stale)"
+        warnings.warn(f"index file {path} {problem}; rebuilding it", stacklevel=3)
+        return None
+
+    def _persist_index(self, index: faiss.Index, spec: IndexSpec, generation: int) -> None:
+        if not os.access(self._path, os.W_OK):
+            return
+        try:
+            with self._writing() as meta:
+                if meta["generation"] != generation:
+                    return
+                digest = save_index(index, self._path / INDEX_NAME)
+                meta["index_file"] = {
+                    "file": INDEX_NAME,
+                    "spec": spec.build_params(),
+                    "generation": generation,
+                    "rows": int(index.ntotal),
+                    "bytes": (self._path / INDEX_NAME).stat().st_size,
+                    "sha256": digest,
+                }
+                _write_meta(self._path, meta)
+            self._refresh(meta)
+        except OSError as error:
+            warnings.warn(f"could not save index to {self._path}: {error}", stacklevel=3)
+
+    def _ensure_index(self) -> faiss.Index:
+        """The index for the current rows and spec: cached, loaded, or built (and persisted)."""
+        spec = self.index_spec
+        key = (self.generation, json.dumps(spec.build_params(), sort_keys=True))
+        if self._index is not None and self._index_key == key:
+            return self._index
+        index = self._load_persisted_index(spec)
+        if index is None:
+            index = build_index(self.features(), spec)
+            if spec.type != "flat":
+                self._persist_index(index, spec, key[0])
+        self._index, self._index_key = index, key
+        return index
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        allowed_labels: np.ndarray | Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most similar rows of each query.
+
+        Args:
+            queries: ``[Q, D]`` features (normalised here, so similarities are cosines).
+            k: neighbours per query; more than the rows is fine.
+            allowed_labels: label ids whose rows may be returned (restricts retrieval to a
+                vocabulary); applied inside the FAISS search, so still ``k`` results when
+                ``k`` allowed rows exist (approximate indexes may find fewer).
+
+        Returns:
+            ``(similarities [Q, k] float32 descending, row ids [Q, k] int64)``; ``-inf`` / ``-1``
+            pad where fewer rows qualify. Index family and parameters: :attr:`index_spec`.
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise InputError(f"queries have shape {q.shape}; expected [Q, {self.dim}]")
+        if not np.isfinite(q).all():
+            raise InputError("queries contain NaN or infinite values; expected finite numbers")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise InputError(f"k={k!r}; expected a positive integer")
+        k = int(k)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        empty = (
+            np.full((q.shape[0], k), -np.inf, dtype=np.float32),
+            np.full((q.shape[0], k), -1, dtype=np.int64),
+        )
+        if self.num_rows == 0 or q.shape[0] == 0:
+            return empty
+        mask = None
+        if allowed_labels is not None:
+            allowed = np.asarray(allowed_labels).ravel()
+            if allowed.size and allowed.dtype.kind not in "iu":
+                raise InputError(f"allowed_labels have dtype {allowed.dtype}; expected label ids")
+            n_labels = len(self._meta["labels"])
+            if allowed.size and (allowed.min() < 0 or allowed.max() >= n_labels):
+                raise InputError(
+                    f"allowed_labels must lie in [0, {n_labels}) for database {self._path}"
+                )
+            table = np.zeros(n_labels, dtype=np.bool_)
+            table[allowed.astype(np.int64)] = True
+            mask = table[self.label_ids()]
+            if not mask.any():
+                return empty
+            if mask.all():
+                mask = None
+        index = self._ensure_index()
+        return search_index(index, self.index_spec, q, k, mask)

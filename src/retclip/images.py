@@ -1,0 +1,139 @@
+"""Image loading: any file PIL reads, as an upright 8-bit RGB array.
+
+Conversions (after applying the EXIF orientation; multi-frame files give their first frame):
+
+* transparency (RGBA, LA, PA, P with a transparent colour, premultiplied modes) is composited
+  onto **white**, as a viewer shows it; CLIP saw few black-filled cut-outs;
+* 16-bit grayscale (``I;16``, ``I;16B``, ...) is scaled by ``1/257`` and rounded, so 65535 maps
+  to 255 (no clipping of the upper range);
+* 32-bit integer ``I``: kept when within ``[0, 255]``, divided by 257 when within ``[0, 65535]``
+  (how PIL used to open 16-bit PNGs), otherwise stretched linearly from its min–max range;
+* float ``F``: multiplied by 255 when within ``[0, 1]``, kept when within ``[0, 255]``, otherwise
+  stretched from its min–max range (a constant image becomes black); NaNs become 0;
+* every other mode (L, 1, CMYK, YCbCr, HSV, ...) through PIL's own ``convert("RGB")``. PIL
+  opens 16-bit-per-channel RGB PNGs as 8-bit RGB itself.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from retclip.errors import InputError
+
+__all__ = ["image_to_tensor", "load_image"]
+
+# What PIL raises for damaged files besides OSError (SyntaxError for bad PNG chunks, ...).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _high_depth_gray(image: Image.Image) -> np.ndarray:
+    """``[H, W]`` uint8 from an ``I;16*``, ``I`` or ``F`` image (rules in the module docs)."""
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
+    if image.mode == "F":
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = float(values.min()), float(values.max())
+        if low >= 0.0 and high <= 1.0:
+            return np.rint(values * 255.0).astype(np.uint8)
+        if low >= 0.0 and high <= 255.0:
+            return np.rint(values).astype(np.uint8)
+        return _stretch(values)
+    values = values.astype(np.int64)
+    low_i, high_i = int(values.min()), int(values.max())
+    if low_i >= 0 and high_i <= 255:
+        return values.astype(np.uint8)
+    if low_i >= 0 and high_i <= 65535:
+        return np.rint(values / 257.0).astype(np.uint8)
+    return _stretch(values)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _gray_to_rgb(_high_depth_gray(image))
+    alpha_palette = mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info or alpha_palette:
+        return np.asarray(_on_white(image))
+    if mode == "RGB":
+        return np.asarray(image)
+    return np.asarray(image.convert("RGB"))
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an upright RGB array.
+
+    Args:
+        path: image file in any format PIL reads.
+
+    Returns:
+        ``[H, W, 3]`` uint8 RGB.
+
+    Raises:
+        InputError: the file is missing, a directory, unreadable, not an image, corrupt,
+            truncated, empty, or of a mode that cannot be converted to RGB.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image not found: {path}")
+    if path.is_dir():
+        raise InputError(f"image path is a directory, expected an image file: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # force a full decode: truncated or corrupt data fails here
+            image = ImageOps.exif_transpose(opened)
+            if image.width == 0 or image.height == 0:
+                raise InputError(f"image {path} is empty ({image.width}x{image.height} pixels)")
+            try:
+                array = _to_rgb(image)
+            except ValueError as error:
+                raise InputError(
+                    f"cannot convert image {path} (mode {image.mode}) to RGB: {_short(error)}"
+                ) from error
+    except InputError:
+        raise
+    except PermissionError as error:
+        raise InputError(f"cannot read image {path}: permission denied") from error
+    except UnidentifiedImageError as error:
+        raise InputError(f"not a recognised image file: {path}") from error
+    except Image.DecompressionBombError as error:
+        raise InputError(f"image {path} is too large to decode safely: {_short(error)}") from error
+    except _DECODE_ERRORS as error:
+        raise InputError(f"corrupt or truncated image {path}: {_short(error)}") from error
+    return np.ascontiguousarray(array, dtype=np.uint8)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB array to a ``[3, H, W]`` float32 tensor with values in 0–255."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an [H, W, 3] RGB image, got shape {tuple(image.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(torch.float32)

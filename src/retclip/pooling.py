@@ -1,0 +1,117 @@
+"""Mask pooling: one feature vector per mask from an image's dense features (paper §2.1).
+
+Pooling the dense map of one backbone pass is what makes RetCLIP cheap: every mask of an image,
+for database rows and queries alike, costs one matrix product instead of one CLIP forward pass
+per masked crop. Masks are brought to the feature grid by area weighting (each cell gets the
+fraction of its area the mask covers), then pooled as a weighted mean and L2-normalised.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retclip.images import image_to_tensor
+
+if TYPE_CHECKING:
+    from retclip.backbones.base import Backbone
+
+PoolingMode = Literal["soft", "binary"]
+
+
+def area_weights(size_in: int, size_out: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[size_out, size_in]``: the fraction of each output cell covered by each input pixel.
+
+    The output cells split ``[0, size_in)`` into ``size_out`` equal spans (as a backbone's grid
+    covers its resized input); row ``i`` holds the overlap of pixel ``p`` (span ``[p, p + 1)``)
+    with cell ``i``, divided by the cell's length, so each row sums to 1.
+    """
+    edges = torch.linspace(0.0, float(size_in), size_out + 1, device=device, dtype=torch.float64)
+    pixels = torch.arange(size_in + 1, device=device, dtype=torch.float64)
+    start = torch.maximum(edges[:-1, None], pixels[None, :-1])
+    end = torch.minimum(edges[1:, None], pixels[None, 1:])
+    overlap = (end - start).clamp_min(0)  # [size_out, size_in]
+    return (overlap / (edges[1:] - edges[:-1])[:, None]).float()
+
+
+def area_resize(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-weighted resize of the last two dims ``[..., H, W] → [..., h, w]``.
+
+    Each output cell is the exact area-weighted mean of the pixels it covers (fractional pixels
+    included), computed as two small matrix products: ``R_y · X · R_xᵀ``.
+    """
+    r_y = area_weights(values.shape[-2], size[0], values.device)  # [h, H]
+    r_x = area_weights(values.shape[-1], size[1], values.device)  # [w, W]
+    x = values.float()
+    return torch.matmul(torch.matmul(r_y, x), r_x.T)
+
+
+def masks_to_grid(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Area-weighted resize of masks to the feature grid.
+
+    Args:
+        masks: ``[B, N, H, W]`` bool or float in ``[0, 1]``.
+        grid_size: ``(h, w)`` of the dense features, which cover the image uniformly.
+
+    Returns:
+        ``[B, N, h, w]`` float: the covered fraction of each cell's area.
+    """
+    return area_resize(masks, grid_size)
+
+
+def mask_pool(
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    mode: PoolingMode = "soft",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Mean-pool dense features under each mask, then L2-normalise.
+
+    Args:
+        features: ``[B, D, h, w]`` dense features of ``B`` images.
+        masks: ``[B, N, H, W]`` masks at image (or grid) resolution, bool or soft in ``[0, 1]``;
+            pad images with fewer masks with all-zero masks.
+        mode: ``"soft"`` weights each cell by the covered fraction of its area; ``"binary"``
+            keeps cells covered by at least half (as FC-CLIP binarises masks on its grid), falling
+            back to the soft weights for a mask too small to cover half of any cell.
+        eps: added to the weight sum (FC-CLIP's ``sum(x·m) / (sum(m) + eps)``).
+
+    Returns:
+        ``[B, N, D]`` unit-norm features; all-zero rows for empty masks.
+    """
+    if features.ndim != 4 or masks.ndim != 4 or features.shape[0] != masks.shape[0]:
+        raise ValueError(
+            f"expected features [B, D, h, w] and masks [B, N, H, W] with the same B, "
+            f"got {tuple(features.shape)} and {tuple(masks.shape)}"
+        )
+    h, w = features.shape[-2:]
+    weights = masks_to_grid(masks, (h, w)).to(features.dtype)  # [B, N, h, w]
+    if mode == "binary":
+        binary = (weights >= 0.5).to(features.dtype)
+        too_small = binary.flatten(2).sum(-1, keepdim=True) == 0  # [B, N, 1]
+        weights = torch.where(too_small.unsqueeze(-1), weights, binary)
+    elif mode != "soft":
+        raise ValueError(f"pooling mode must be 'soft' or 'binary', got {mode!r}")
+    weights = weights.flatten(2)  # [B, N, h*w]
+    summed = torch.bmm(weights, features.flatten(2).transpose(1, 2))  # [B, N, D]
+    pooled = summed / (weights.sum(-1, keepdim=True) + eps)
+    return F.normalize(pooled, dim=-1)
+
+
+def segment_features(
+    backbone: Backbone, image: np.ndarray, masks: np.ndarray, *, mode: PoolingMode = "soft"
+) -> torch.Tensor:
+    """``[N, D]`` unit-norm features of ``[N, H, W]`` bool masks from one pass over the image.
+
+    This is the one place where an image meets the backbone: the dense map ``[1, D, h, w]`` is
+    computed once and every mask is pooled from it.
+    """
+    with torch.inference_mode():
+        pixels = image_to_tensor(image).unsqueeze(0).to(backbone.device)  # [1, 3, H, W]
+        dense = backbone.encode_images(pixels)  # [1, D, h, w]
+        mask_tensor = torch.from_numpy(masks).to(backbone.device).unsqueeze(0)  # [1, N, H, W]
+        return mask_pool(dense, mask_tensor, mode=mode)[0]

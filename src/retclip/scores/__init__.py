@@ -1,0 +1,24 @@
+"""Per-mask class scores of the three classification paths and their ensemble (paper §2.2)."""
+
+from retclip.scores.clip import clip_scores
+from retclip.scores.ensemble import CombineMode, ensemble
+from retclip.scores.retrieval import (
+    LabelMatch,
+    Retriever,
+    label_votes,
+    match_labels,
+    retrieval_scores,
+    scores_from_votes,
+)
+
+__all__ = [
+    "CombineMode",
+    "LabelMatch",
+    "Retriever",
+    "clip_scores",
+    "ensemble",
+    "label_votes",
+    "match_labels",
+    "retrieval_scores",
+    "scores_from_votes",
+]

@@ -76,9 +76,9 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     boxes = np.zeros((n, 4), dtype=np.float32)
     if n == 0:
         return boxes
-    rows = masks.any(axis=2)  # [N, H]
-    cols = masks.any(axis=1)  # [N, W]
-    nonempty = rows.any(axis=1)
+    rows: np.ndarray = np.any(masks, axis=2)  # [N, H]
+    cols: np.ndarray = np.any(masks, axis=1)  # [N, W]
+    nonempty = np.any(rows, axis=1)
     h, w = masks.shape[1:]
     y0 = rows.argmax(axis=1)
     y1 = h - rows[:, ::-1].argmax(axis=1)

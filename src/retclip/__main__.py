@@ -1,0 +1,3 @@
+from retclip.cli import main
+
+main()

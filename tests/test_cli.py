@@ -1,0 +1,210 @@
+"""The command line: end to end, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from retclip.cli import cli
+
+CLASSES = "apple, banana, sky, grass"
+
+
+def rgb_ids(png: Path) -> np.ndarray:
+    """Segment ids of a COCO panoptic PNG, decoded here independently of retclip.outputs."""
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_error(result: Result, *words: str) -> None:
+    """Exit 1 with a single ``Error: ...`` line naming each of ``words``, no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def cli_db(scenes, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "db"
+    json_path, images = scenes["db"]
+    result = run(
+        "db", "build", path, "--coco-panoptic", json_path, "--images", images, "--backbone", "color"
+    )
+    assert result.exit_code == 0, result.output
+    assert "added" in result.output
+    return path
+
+
+def segment_args(scenes, db: Path, out: Path, *images: object) -> list[object]:
+    json_path, image_dir = scenes["val"]
+    first = sorted(image_dir.iterdir())[0]
+    return [
+        "segment",
+        *(images or (first,)),
+        "--classes",
+        CLASSES,
+        "--backbone",
+        "color",
+        "--proposer",
+        "gt",
+        "--gt",
+        json_path,
+        "--db",
+        db,
+        "--out",
+        out,
+    ]
+
+
+def test_segment_end_to_end(scenes, cli_db, tmp_path) -> None:
+    json_path, image_dir = scenes["val"]
+    # retrieval only: the colour backbone's text tower does not know these class names
+    result = run(*segment_args(scenes, cli_db, tmp_path / "out"), "--gamma", "1.0")
+    assert result.exit_code == 0, result.output
+    stem = sorted(image_dir.iterdir())[0].stem
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(
+        f"{stem}_{s}"
+        for s in (
+            "panoptic.png",
+            "panoptic.json",
+            "semantic.png",
+            "instances.json",
+            "overlay.png",
+            "scores.npz",
+        )
+    )
+    # the expected panoptic result: the ground-truth partition with the ground-truth categories
+    truth = json.loads(Path(json_path).read_text())
+    gt_segments = truth["annotations"][0]["segments_info"]
+    gt_ids = rgb_ids(json_path.with_suffix("") / f"{stem}.png")
+    pred_ids = rgb_ids(tmp_path / "out" / f"{stem}_panoptic.png")
+    info = json.loads((tmp_path / "out" / f"{stem}_panoptic.json").read_text())
+    name_of = {s["id"]: s["category_name"] for s in info["segments_info"]}
+    gt_name = {c["id"]: c["name"] for c in truth["categories"]}
+    for segment in gt_segments:
+        (pred_id,) = np.unique(pred_ids[gt_ids == segment["id"]])
+        assert name_of[int(pred_id)] == gt_name[segment["category_id"]]
+    instances = json.loads((tmp_path / "out" / f"{stem}_instances.json").read_text())
+    things = [s for s in gt_segments if s["category_id"] in (1, 2)]
+    assert len(instances) >= len(things)
+
+
+def test_db_info_remove_merge(cli_db, tmp_path) -> None:
+    result = run("db", "info", cli_db, "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert {"rows", "rows_per_class", "dim", "fingerprint"} <= set(info)
+    assert set(info["rows_per_class"]) == {"apple", "banana", "sky", "grass"}
+    assert info["dim"] == 12 and info["fingerprint"]["model_id"] == "retclip/color"
+    assert "apple" in run("db", "info", cli_db).output
+    copy = tmp_path / "copy"
+    assert run("db", "merge", copy, cli_db, cli_db).exit_code == 0
+    assert json.loads(run("db", "info", copy, "--json").output)["rows"] == 2 * info["rows"]
+    result = run("db", "remove", copy, "--class", "sky")
+    assert result.exit_code == 0 and "removed" in result.output
+    after = json.loads(run("db", "info", copy, "--json").output)
+    assert "sky" not in after["rows_per_class"]
+    assert_error(run("db", "remove", copy, "--class", "unicorn"), "unicorn")
+    assert run("db", "index", copy, "hnsw").exit_code == 0
+    assert "hnsw" in json.dumps(json.loads(run("db", "info", copy, "--json").output)["index"])
+
+
+def test_image_modes_are_converted(scenes, cli_db, tmp_path) -> None:
+    _, image_dir = scenes["val"]
+    source = sorted(image_dir.iterdir())[0]
+    rgb = Image.open(source).convert("RGB")
+    variants = tmp_path / "variants"
+    variants.mkdir()
+    # same stem as the annotated image, so the ground-truth proposer finds its masks
+    for mode, suffix in (("L", "png"), ("RGBA", "png"), ("P", "png"), ("I;16", "png")):
+        folder = variants / mode.replace(";", "")
+        folder.mkdir()
+        if mode == "I;16":
+            gray = np.asarray(rgb.convert("L")).astype(np.uint16) * 257
+            image = Image.fromarray(gray)
+        else:
+            image = rgb.convert(mode)
+        image.save(folder / f"{source.stem}.{suffix}")
+        result = run(*segment_args(scenes, cli_db, tmp_path / mode, folder / f"{source.stem}.png"))
+        assert result.exit_code == 0, (mode, result.output)
+
+
+def test_bad_inputs_give_one_line(scenes, cli_db, tmp_path) -> None:
+    out = tmp_path / "out"
+    missing = tmp_path / "nope.png"
+    assert_error(run(*segment_args(scenes, cli_db, out, missing)), str(missing))
+    _, image_dir = scenes["val"]
+    corrupt_dir = tmp_path / "corrupt"
+    corrupt_dir.mkdir()
+    corrupt = corrupt_dir / f"{sorted(image_dir.iterdir())[0].stem}.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert_error(run(*segment_args(scenes, cli_db, out, corrupt)), str(corrupt))
+    assert not out.exists() or not any(out.iterdir())  # no partial output files
+
+    args = segment_args(scenes, cli_db, out)
+    classes_at = args.index("--classes") + 1
+    for bad, word in ((" , ", "empty"), ("apple, apple", "apple"), ("a,,b", "empty")):
+        args[classes_at] = bad
+        assert_error(run(*args), word)
+    args[classes_at] = CLASSES
+
+    db_at = args.index("--db") + 1
+    args[db_at] = tmp_path / "no-db"
+    assert_error(run(*args), str(tmp_path / "no-db"))
+    broken = tmp_path / "broken-db"
+    shutil.copytree(cli_db, broken)
+    (broken / "meta.json").write_text("{ truncated")
+    args[db_at] = broken
+    assert_error(run(*args), "meta.json")
+    args[db_at] = cli_db
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    out_at = args.index("--out") + 1
+    args[out_at] = a_file / "sub"
+    assert_error(run(*args), str(a_file))
+    args[out_at] = out
+
+    backbone_at = args.index("--backbone") + 1
+    args[backbone_at] = "nope"
+    assert_error(run(*args), "nope", "color")
+
+
+def test_fingerprint_mismatch_is_refused(scenes, tmp_path) -> None:
+    db = tmp_path / "db"
+    json_path, images = scenes["db"]
+    run("db", "build", db, "--coco-panoptic", json_path, "--images", images, "--backbone", "color")
+    meta = json.loads((db / "meta.json").read_text())
+    meta["fingerprint"]["input_resolution"] = 4
+    (db / "meta.json").write_text(json.dumps(meta))
+    result = run(*segment_args(scenes, db, tmp_path / "out"))
+    assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
+
+
+def test_vocab_command_counts_seen_classes() -> None:
+    result = run("vocab", "ade20k-150", "--train-vocab", "coco-panoptic-133")
+    assert result.exit_code == 0
+    assert result.output.strip().splitlines()[-1].startswith("64 of 150")
+
+
+def test_console_script_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "retclip", "db", "build", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--coco-panoptic" in result.stdout

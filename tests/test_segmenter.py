@@ -1,0 +1,149 @@
+"""End-to-end meaning tests with the colour backbone on synthetic scenes (tests/scenes.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retclip import Segmenter
+from retclip.backbones import ColorBackbone
+from retclip.database import FeatureDatabase
+from retclip.database.build import build_database, items_from_dataset
+from retclip.datasets import CocoPanopticDataset
+from retclip.errors import DatabaseMismatchError, InputError
+from retclip.proposers import GroundTruthProposer
+
+CLASSES = "apple, banana, sky, grass"  # the datasets' categories, in order
+
+
+def build_gt_database(path: Path, json_path: Path, images: Path) -> FeatureDatabase:
+    backbone = ColorBackbone()
+    dataset = CocoPanopticDataset(json_path, images)
+    db = FeatureDatabase.create(path, fingerprint=backbone.fingerprint, dim=backbone.dim)
+    build_database(
+        db,
+        backbone,
+        GroundTruthProposer(dataset),
+        items_from_dataset(dataset),
+        build_id="test",
+        progress=False,
+    )
+    return db
+
+
+@pytest.fixture(scope="module")
+def scene_db(scenes, tmp_path_factory) -> FeatureDatabase:
+    return build_gt_database(tmp_path_factory.mktemp("db") / "db", *scenes["db"])
+
+
+def segment_accuracy(segmenter: Segmenter, dataset: CocoPanopticDataset, classes: str) -> float:
+    """Fraction of ground-truth segments whose predicted segment has the right category."""
+    right = total = 0
+    for i in range(len(dataset)):
+        truth = dataset.annotation(i)
+        result = segmenter(dataset.image_path(i), classes)
+        for mask, category in zip(truth.masks, truth.categories, strict=True):
+            ids = result.panoptic[mask]
+            total += 1
+            if (ids > 0).all() and len(np.unique(ids)) == 1:
+                segment = next(s for s in result.segments if s.id == ids[0])
+                right += int(segment.category == category)
+    return right / total
+
+
+def test_retrieval_knows_words_clip_does_not(scenes, scene_db) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    proposer = GroundTruthProposer(val)
+    retrieval_only = Segmenter("color", proposer, db=scene_db, gamma=1.0)
+    clip_only = Segmenter("color", proposer, db=scene_db, gamma=0.0)
+    assert segment_accuracy(retrieval_only, val, CLASSES) == 1.0
+    assert segment_accuracy(clip_only, val, CLASSES) < 0.7
+    # CLIP knows colour words: named by colour, the same segments are recognised without a database
+    colour_names = Segmenter("color", proposer)
+    assert segment_accuracy(colour_names, val, "red, yellow, blue, green") == 1.0
+
+
+def test_panoptic_result_reproduces_ground_truth_partition(scenes, scene_db) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    segmenter = Segmenter("color", GroundTruthProposer(val), db=scene_db, gamma=1.0)
+    result = segmenter(val.image_path(0), val.vocabulary)  # sky and grass are stuff there
+    truth = val.annotation(0)
+    assert len(result.segments) == len(truth.masks)
+    for mask, category in zip(truth.masks, truth.categories, strict=True):
+        (segment_id,) = np.unique(result.panoptic[mask])
+        segment = next(s for s in result.segments if s.id == segment_id)
+        assert segment.category == category and segment.area == mask.sum()
+        assert segment.isthing == (category < 2)
+    for mask, category in zip(truth.masks, truth.categories, strict=True):
+        assert (result.semantic[mask] == category).all()
+
+
+def test_rescore_needs_no_model_pass(scenes, scene_db, monkeypatch) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    segmenter = Segmenter("color", GroundTruthProposer(val), db=scene_db, gamma=1.0)
+    result = segmenter(val.image_path(1), CLASSES)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("rescore ran the backbone")
+
+    monkeypatch.setattr(segmenter.backbone, "encode_images", no_model)
+    monkeypatch.setattr(segmenter.backbone, "encode_texts", no_model)
+    clip_only = result.rescore(gamma=0.0)
+    assert clip_only.settings.gamma == 0.0 and result.settings.gamma == 1.0
+    before = [s.category for s in result.segments]
+    after = [s.category for s in clip_only.segments]
+    assert before != after  # CLIP alone mislabels the unknown words
+    assert torch.equal(result.scores.s_clip, clip_only.scores.s_clip)
+
+
+def test_fallback_database_covers_missing_classes(scenes, scene_db, tmp_path) -> None:
+    primary = FeatureDatabase.merge(tmp_path / "primary", [scene_db])
+    primary.remove_classes(["sky", "grass"])
+    val = CocoPanopticDataset(*scenes["val"])
+    proposer = GroundTruthProposer(val)
+    without = Segmenter("color", proposer, db=primary, gamma=1.0)
+    with_fallback = Segmenter("color", proposer, db=primary, fallback_db=scene_db, gamma=1.0)
+    assert segment_accuracy(with_fallback, val, CLASSES) == 1.0
+    # without it, sky and grass get s_ret = 0 for every class: dropped by the score threshold
+    result = without(val.image_path(0), CLASSES)
+    assert {result.label_of(s) for s in result.segments} <= {"apple", "banana"}
+
+
+def test_database_of_another_backbone_is_refused(scenes, scene_db) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    with pytest.raises(DatabaseMismatchError, match="rebuild"):
+        Segmenter(ColorBackbone(stride=4), GroundTruthProposer(val), db=scene_db)
+
+
+def test_save_writes_all_outputs(scenes, scene_db, tmp_path) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    result = Segmenter("color", GroundTruthProposer(val), db=scene_db)(val.image_path(0), CLASSES)
+    paths = result.save(tmp_path / "out")
+    stem = Path(val.image_path(0)).stem
+    for suffix in (
+        "panoptic.png",
+        "panoptic.json",
+        "semantic.png",
+        "instances.json",
+        "overlay.png",
+    ):
+        assert (tmp_path / "out" / f"{stem}_{suffix}").is_file()
+    scores = np.load(paths["scores"])
+    assert scores["s_clip"].shape == (len(result.proposals), 4)
+    assert scores["s_ret"].shape == (len(result.proposals), 4)
+    masks = np.unpackbits(scores["masks"], axis=-1, count=result.image.shape[1]).astype(bool)
+    assert np.array_equal(masks, result.proposals.masks)
+
+
+def test_bad_inputs(scenes) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    segmenter = Segmenter("color", GroundTruthProposer(val))
+    with pytest.raises(InputError, match="empty"):
+        segmenter(val.image_path(0), " , ")
+    with pytest.raises(InputError):
+        segmenter(np.zeros((4, 4, 2), np.uint8), "red")
+    with pytest.raises(InputError, match="alpha"):
+        Segmenter("color", GroundTruthProposer(val), alpha=2.0)

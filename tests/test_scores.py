@@ -89,3 +89,52 @@ def test_ensemble_training_free_and_edges() -> None:
         ensemble(s_clip, s_ret, gamma=1.5)
     with pytest.raises(InputError, match="seen"):
         ensemble(s_clip, s_ret, s_iv=s_clip)
+
+
+def test_label_matching_by_synonym_and_by_text_embedding(tmp_path) -> None:
+    from retclip.backbones import ColorBackbone
+    from retclip.database import DatabaseLabel
+    from retclip.scores import match_labels
+    from retclip.text_embeddings import embed_vocabulary
+    from retclip.vocabulary import VocabClass, Vocabulary
+
+    backbone = ColorBackbone()
+    vocab = Vocabulary.from_string("sofa|couch, red, apple")
+    labels = [
+        DatabaseLabel("couch", ("couch",)),  # synonym of class 0
+        DatabaseLabel("red paint", ("red paint",)),  # same colour word: text cosine 1 > 0.95
+        DatabaseLabel("pear", ("pear",)),  # an unrelated word: no match
+    ]
+    by_synonym = match_labels(vocab, labels)
+    np.testing.assert_array_equal(
+        by_synonym.matrix, [[True, False, False], [False, False, False], [False, False, False]]
+    )
+    label_vocab = Vocabulary([VocabClass(label.name, label.synonyms) for label in labels])
+    by_embedding = match_labels(
+        vocab,
+        labels,
+        class_embeddings=embed_vocabulary(backbone, vocab),
+        label_embeddings=embed_vocabulary(backbone, label_vocab),
+    )
+    assert by_embedding.matrix[1, 1] and not by_embedding.matrix[2].any()
+    np.testing.assert_array_equal(by_embedding.covered_classes, [True, True, False])
+    np.testing.assert_array_equal(by_embedding.allowed_labels, [0, 1])
+
+
+def test_retriever_with_k_larger_than_the_database(tmp_path) -> None:
+    from retclip.backbones import ColorBackbone
+    from retclip.database import FeatureDatabase
+    from retclip.scores import Retriever
+    from retclip.text_embeddings import embed_vocabulary
+    from retclip.vocabulary import Vocabulary
+
+    backbone = ColorBackbone()
+    db = FeatureDatabase.create(tmp_path / "db", fingerprint=backbone.fingerprint, dim=12)
+    rows = np.eye(12, dtype=np.float32)[[0, 1, 5]]  # red, orange, blue directions
+    db.add(rows, ["apple", "carrot", "sea"], sources=["a", "b", "c"])
+    vocab = Vocabulary.from_string("apple, carrot, sea, unicorn")
+    query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.5] + [0.0] * 10]), dim=-1)
+    s_ret = Retriever(backbone, db, k=50).scores(query, vocab, embed_vocabulary(backbone, vocab))
+    # k = 50 > 3 rows: all three take part. Cosines .894 (apple), .447 (carrot), 0 (sea) give
+    # distances .106, .553, 1: min-max normalised 0, .5, 1, so scores 1, .5, 0; unicorn has no row.
+    np.testing.assert_allclose(s_ret.numpy(), [[1.0, 0.5, 0.0, 0.0]], atol=1e-3)

@@ -79,3 +79,30 @@ def test_binary_pooling_uses_cells_covered_by_half() -> None:
 def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match=r"\[B, D, h, w\]"):
         mask_pool(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 8, 8))
+
+
+def test_segment_features_apply_the_backbone_head_after_pooling() -> None:
+    from retclip.backbones import ColorBackbone
+    from retclip.pooling import segment_features
+
+    class HeadAfterPooling(ColorBackbone):
+        """A non-linear head, which does not commute with averaging."""
+
+        def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.relu(pooled - 0.4)
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, :8] = (220, 40, 40)  # red
+    image[:, 8:] = (40, 70, 210)  # blue
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, :, 4:] = True  # 1/3 red, 2/3 blue
+    backbone = HeadAfterPooling(stride=4)
+    features = segment_features(backbone, image, masks)
+    dense = backbone.encode_images(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+    pooled = (dense[0] * torch.from_numpy(masks[0])[::4, ::4]).sum((1, 2)) / 12  # 12 cells
+    head_after = torch.nn.functional.normalize(backbone.project_pooled(pooled), dim=0)
+    torch.testing.assert_close(features[0], head_after)
+    head_before = backbone.project_pooled(dense[0])[:, torch.from_numpy(masks[0])[::4, ::4]]
+    head_before = torch.nn.functional.normalize(head_before.mean(1), dim=0)
+    assert not torch.allclose(features[0], head_before, atol=1e-2)
+    assert torch.all(features[1] == 0)  # an empty mask stays zero through the head

@@ -68,6 +68,7 @@ def mask_pool(
     *,
     mode: PoolingMode = "soft",
     eps: float = 1e-8,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Mean-pool dense features under each mask, then L2-normalise.
 
@@ -79,9 +80,10 @@ def mask_pool(
             keeps cells covered by at least half (as FC-CLIP binarises masks on its grid), falling
             back to the soft weights for a mask too small to cover half of any cell.
         eps: added to the weight sum (FC-CLIP's ``sum(x·m) / (sum(m) + eps)``).
+        normalize: L2-normalise the pooled features (off when a head follows pooling).
 
     Returns:
-        ``[B, N, D]`` unit-norm features; all-zero rows for empty masks.
+        ``[B, N, D]`` features (unit-norm if ``normalize``); all-zero rows for empty masks.
     """
     if features.ndim != 4 or masks.ndim != 4 or features.shape[0] != masks.shape[0]:
         raise ValueError(
@@ -99,7 +101,7 @@ def mask_pool(
     weights = weights.flatten(2)  # [B, N, h*w]
     summed = torch.bmm(weights, features.flatten(2).transpose(1, 2))  # [B, N, D]
     pooled = summed / (weights.sum(-1, keepdim=True) + eps)
-    return F.normalize(pooled, dim=-1)
+    return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
 def segment_features(
@@ -107,11 +109,15 @@ def segment_features(
 ) -> torch.Tensor:
     """``[N, D]`` unit-norm features of ``[N, H, W]`` bool masks from one pass over the image.
 
-    This is the one place where an image meets the backbone: the dense map ``[1, D, h, w]`` is
-    computed once and every mask is pooled from it.
+    This is the one place where an image meets the backbone: the dense map ``[1, D', h, w]`` is
+    computed once, every mask is pooled from it, and the backbone's :meth:`~Backbone.project_pooled`
+    takes the pooled features to the joint space. Empty masks give all-zero rows.
     """
     with torch.inference_mode():
         pixels = image_to_tensor(image).unsqueeze(0).to(backbone.device)  # [1, 3, H, W]
-        dense = backbone.encode_images(pixels)  # [1, D, h, w]
+        dense = backbone.encode_images(pixels)  # [1, D', h, w]
         mask_tensor = torch.from_numpy(masks).to(backbone.device).unsqueeze(0)  # [1, N, H, W]
-        return mask_pool(dense, mask_tensor, mode=mode)[0]
+        pooled = mask_pool(dense, mask_tensor, mode=mode, normalize=False)[0]  # [N, D']
+        empty = ~mask_tensor[0].flatten(1).any(1, keepdim=True)  # [N, 1]
+        projected = backbone.project_pooled(pooled)  # [N, D]
+        return F.normalize(projected, dim=-1).masked_fill(empty, 0.0)

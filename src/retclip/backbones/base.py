@@ -78,9 +78,19 @@ class Backbone(abc.ABC):
             images: ``[B, 3, H, W]`` float RGB in ``[0, 255]`` (one size per batch).
 
         Returns:
-            ``[B, D, h, w]`` float features in the joint image–text space, *not* normalised per
-            position (mask pooling averages first and normalises after, as CLIP pools).
+            ``[B, D', h, w]`` float features, *not* normalised per position (mask pooling
+            averages first and normalises after, as CLIP pools). ``D' = dim`` and the features are
+            in the joint image–text space unless :meth:`project_pooled` maps pooled features there.
         """
+
+    def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Map mask-pooled dense features ``[N, D']`` into the joint space ``[N, D]``.
+
+        The identity by default. A backbone whose image head must follow pooling overrides it:
+        OpenCLIP ConvNeXt pools its last stage and then applies the trunk's norm and an MLP head
+        (FC-CLIP's out-of-vocabulary path), which does not commute with averaging.
+        """
+        return pooled
 
     @abc.abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -91,6 +91,9 @@ def test_segment_features_apply_the_backbone_head_after_pooling() -> None:
         def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.relu(pooled - 0.4)
 
+        def embed_segments(self, dense, masks, *, mode="soft"):
+            return self.project_pooled(mask_pool(dense, masks, mode=mode, normalize=False))
+
     image = np.zeros((16, 16, 3), np.uint8)
     image[:, :8] = (220, 40, 40)  # red
     image[:, 8:] = (40, 70, 210)  # blue

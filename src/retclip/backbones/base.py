@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from retclip.pooling import PoolingMode, mask_pool
+
 
 @dataclasses.dataclass(frozen=True)
 class BackboneFingerprint:
@@ -78,19 +80,29 @@ class Backbone(abc.ABC):
             images: ``[B, 3, H, W]`` float RGB in ``[0, 255]`` (one size per batch).
 
         Returns:
-            ``[B, D', h, w]`` float features, *not* normalised per position (mask pooling
-            averages first and normalises after, as CLIP pools). ``D' = dim`` and the features are
-            in the joint image–text space unless :meth:`project_pooled` maps pooled features there.
+            ``[B, D', h, w]`` float features covering the image uniformly, *not* normalised per
+            position (mask pooling averages first and normalises after, as CLIP pools). By
+            default ``D' = dim`` and the map is in the joint image–text space; a backbone whose
+            head must follow pooling returns its pre-head map and overrides
+            :meth:`embed_segments`.
         """
 
-    def project_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Map mask-pooled dense features ``[N, D']`` into the joint space ``[N, D]``.
+    def embed_segments(
+        self, dense: torch.Tensor, masks: torch.Tensor, *, mode: PoolingMode = "soft"
+    ) -> torch.Tensor:
+        """Segment embeddings ``[B, N, D]`` (not normalised) from ``dense [B, D', h, w]``.
 
-        The identity by default. A backbone whose image head must follow pooling overrides it:
-        OpenCLIP ConvNeXt pools its last stage and then applies the trunk's norm and an MLP head
-        (FC-CLIP's out-of-vocabulary path), which does not commute with averaging.
+        Args:
+            dense: the output of :meth:`encode_images`.
+            masks: ``[B, N, H, W]`` bool or soft masks at image size (zero masks for padding).
+            mode: mask pooling mode (:func:`retclip.pooling.mask_pool`).
+
+        The default is the mean of the dense map under each mask. Backbones whose image head is
+        applied after pooling (OpenCLIP ConvNeXt: the trunk's norm and an MLP head, FC-CLIP's
+        out-of-vocabulary path; the toy model) pool first and apply the head here, since a
+        non-linear head does not commute with averaging.
         """
-        return pooled
+        return mask_pool(dense, masks, mode=mode, normalize=False)
 
     @abc.abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,246 @@
+"""Grounded SAM (the paper's training-free proposals, §2.2): Grounding DINO boxes → SAM masks.
+
+Grounding DINO is prompted with the class names, lowercased and joined as ``"cat . dog ."``. Its
+text encoder reads at most ``max_text_len`` (256) tokens and its phrase masks are cut at the
+``.`` separators, so the vocabulary is split into as few prompts as fit (150 ADE classes need
+several); all prompts of an image run as one batch. A box is kept when its best token
+probability exceeds the box threshold; it is assigned the class whose tokens score highest, if
+that score exceeds the text threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from retclip.errors import InputError
+from retclip.proposers.sam import (
+    DEFAULT_SAM,
+    Detections,
+    Detector,
+    DetectorSamProposer,
+    SamSegmenter,
+    load_hf,
+    resolve_device,
+    resolve_dtype,
+)
+
+#: The paper's detector; ``grounding-dino-tiny`` is the smaller option.
+DEFAULT_DETECTOR = "grounding-dino-base"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptChunk:
+    """One Grounding DINO prompt covering some classes.
+
+    Attributes:
+        text: ``"cat . dog ."``.
+        classes: indices of the covered classes in the full class list.
+        input_ids: ``[CLS] tokens(cat) . tokens(dog) . [SEP]``.
+        spans: per covered class, the ``(start, end)`` token positions of its name.
+    """
+
+    text: str
+    classes: tuple[int, ...]
+    input_ids: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]
+
+
+def chunk_prompts(
+    classes: Sequence[str], tokenizer: Any, max_tokens: int = 256
+) -> list[PromptChunk]:
+    """Split class names into prompts of at most ``max_tokens`` tokens, in class order.
+
+    Every class is in exactly one chunk. Names are lowercased and stripped.
+
+    Raises:
+        InputError: a single class name does not fit in one prompt.
+    """
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    dot_id = tokenizer.convert_tokens_to_ids(".")
+    chunks: list[PromptChunk] = []
+    ids: list[int] = [cls_id]
+    members: list[int] = []
+    spans: list[tuple[int, int]] = []
+
+    def close() -> None:
+        texts = " . ".join(classes[i].strip().lower() for i in members) + " ."
+        chunks.append(PromptChunk(texts, tuple(members), (*ids, sep_id), tuple(spans)))
+
+    for index, name in enumerate(classes):
+        text = name.strip().lower()
+        if not text:
+            raise InputError(f"class {index} has an empty name")
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(pieces) + 3 > max_tokens:
+            raise InputError(
+                f"class {name!r} is {len(pieces)} tokens long: it does not fit in a Grounding "
+                f"DINO prompt of {max_tokens} tokens"
+            )
+        if len(ids) + len(pieces) + 2 > max_tokens:  # + "." + [SEP]
+            close()
+            ids, members, spans = [cls_id], [], []
+        spans.append((len(ids), len(ids) + len(pieces)))
+        ids += [*pieces, dot_id]
+        members.append(index)
+    close()
+    return chunks
+
+
+def assign_classes(
+    probs: torch.Tensor,
+    chunk: PromptChunk,
+    *,
+    box_threshold: float,
+    text_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes of one prompt that pass the thresholds, and their classes.
+
+    Args:
+        probs: ``[Q, T]`` sigmoid token probabilities of ``Q`` boxes (``T >= len(input_ids)``;
+            positions past the prompt are ignored).
+
+    Returns:
+        ``keep`` ``[K]`` box indices, ``scores`` ``[K]`` (best token probability of the box),
+        ``labels`` ``[K]`` class indices into the full class list.
+    """
+    n_tokens = len(chunk.input_ids)
+    probs = probs[:, :n_tokens]
+    scores = probs.max(dim=1).values  # GDINO's box score: best token of the prompt
+    owner = torch.full((n_tokens,), -1, dtype=torch.long, device=probs.device)
+    for position, (start, end) in enumerate(chunk.spans):
+        owner[start:end] = position
+    in_class = owner >= 0
+    per_class = torch.zeros(
+        (probs.shape[0], len(chunk.spans)), dtype=probs.dtype, device=probs.device
+    )
+    index = owner[in_class].expand(probs.shape[0], -1)
+    per_class.scatter_reduce_(1, index, probs[:, in_class], reduce="amax", include_self=True)
+    best, local = per_class.max(dim=1)
+    keep = torch.nonzero((scores > box_threshold) & (best > text_threshold)).flatten()
+    members = torch.tensor(chunk.classes, dtype=torch.long, device=probs.device)
+    return keep, scores[keep], members[local[keep]]
+
+
+class GroundingDinoDetector(Detector):
+    """Grounding DINO prompted with class names (see the module docstring).
+
+    Args:
+        model: ``grounding-dino-base`` (default, the paper's), ``grounding-dino-tiny``, a hub id
+            or a local directory.
+        box_threshold: minimum best-token probability of a box (0.3).
+        text_threshold: minimum probability of the assigned class's tokens (0.25).
+        shortest_edge, longest_edge: input resize (800 / 1333, Grounded-SAM's).
+        device, dtype: see :class:`~retclip.proposers.sam.SamSegmenter`.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_DETECTOR,
+        *,
+        box_threshold: float = 0.3,
+        text_threshold: float = 0.25,
+        shortest_edge: int = 800,
+        longest_edge: int = 1333,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.processor: Any = load_hf(AutoProcessor, model)
+        detector = load_hf(GroundingDinoForObjectDetection, model)
+        self.model: Any = detector.to(self.device, self.dtype).eval()
+        self.max_tokens = int(self.model.config.max_text_len)
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+        self.size = {"shortest_edge": shortest_edge, "longest_edge": longest_edge}
+        self._chunks: tuple[tuple[str, ...], list[PromptChunk]] | None = None
+
+    def prompts(self, classes: Sequence[str]) -> list[PromptChunk]:
+        """The prompt chunks of ``classes`` (cached for the last class list)."""
+        key = tuple(classes)
+        if self._chunks is None or self._chunks[0] != key:
+            tokenizer = self.processor.tokenizer
+            self._chunks = (key, chunk_prompts(key, tokenizer, self.max_tokens))
+        return self._chunks[1]
+
+    @torch.inference_mode()
+    def detect(self, image: np.ndarray, classes: Sequence[str]) -> Detections:
+        chunks = self.prompts(classes)
+        image_processor = self.processor.image_processor
+        pixels = image_processor(images=image, size=self.size, return_tensors="pt")
+        length = max(len(c.input_ids) for c in chunks)
+        ids = torch.zeros((len(chunks), length), dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            ids[row, : len(chunk.input_ids)] = torch.tensor(chunk.input_ids)
+        batch = len(chunks)
+        outputs = self.model(
+            pixel_values=pixels["pixel_values"]
+            .to(self.device, self.dtype)
+            .expand(batch, -1, -1, -1),
+            pixel_mask=pixels["pixel_mask"].to(self.device).expand(batch, -1, -1),
+            input_ids=ids.to(self.device),
+            attention_mask=(ids > 0).long().to(self.device),
+            token_type_ids=torch.zeros_like(ids).to(self.device),
+        )
+        probs = outputs.logits.float().sigmoid()  # [B, Q, max_text_len]
+        height, width = image.shape[:2]
+        scale = torch.tensor([width, height, width, height], device=self.device)
+        boxes, scores, labels = [], [], []
+        for row, chunk in enumerate(chunks):
+            keep, score, label = assign_classes(
+                probs[row],
+                chunk,
+                box_threshold=self.box_threshold,
+                text_threshold=self.text_threshold,
+            )
+            cx, cy, w, h = outputs.pred_boxes[row, keep].float().unbind(-1)
+            xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1) * scale
+            boxes.append(xyxy.clamp_min(0).minimum(scale))
+            scores.append(score)
+            labels.append(label)
+        return Detections(torch.cat(boxes), torch.cat(scores), torch.cat(labels))
+
+
+class GroundedSamProposer(DetectorSamProposer):
+    """``grounded-sam``: Grounding DINO → SAM (paper's proposals). Options as in
+    :class:`GroundingDinoDetector` and :class:`~retclip.proposers.sam.DetectorSamProposer`."""
+
+    name = "grounded-sam"
+
+    def __init__(
+        self,
+        detector: str = DEFAULT_DETECTOR,
+        sam: str = DEFAULT_SAM,
+        *,
+        box_threshold: float = 0.3,
+        text_threshold: float = 0.25,
+        shortest_edge: int = 800,
+        longest_edge: int = 1333,
+        nms_iou: float = 0.5,
+        min_area: int = 100,
+        mask_nms_iou: float = 0.8,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            GroundingDinoDetector(
+                detector,
+                box_threshold=box_threshold,
+                text_threshold=text_threshold,
+                shortest_edge=shortest_edge,
+                longest_edge=longest_edge,
+                device=device,
+                dtype=dtype,
+            ),
+            SamSegmenter(sam, device=device, dtype=dtype),
+            nms_iou=nms_iou,
+            min_area=min_area,
+            mask_nms_iou=mask_nms_iou,
+        )

@@ -1,0 +1,310 @@
+"""The SAM stage shared by the detector → SAM proposers and the SAM point grid.
+
+:class:`SamSegmenter` wraps a transformers ``SamModel``: :meth:`SamSegmenter.embed` runs the ViT
+image encoder **once** per image; :meth:`SamSegmenter.segment_boxes` and
+:meth:`SamSegmenter.segment_points` then decode many prompts in one batched call of the prompt
+encoder and mask decoder with that single embedding (the decoder broadcasts it over the prompts;
+nothing re-encodes the image and no Python loop runs per prompt). Coordinates in and out are
+pixels of the original image; boxes are XYXY.
+
+:class:`Detector` is the interface of the open-vocabulary box detectors (Grounding DINO, OWLv2)
+and :class:`DetectorSamProposer` the proposer they share: detect → per-class NMS → prune classes
+with no box → SAM on all boxes → drop tiny masks → mask NMS.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms
+
+from retclip.backbones.loading import hf_load, resolve_model
+from retclip.errors import InputError
+from retclip.proposers.base import MaskProposer, Proposals
+from retclip.proposers.mask_ops import mask_nms
+
+#: The paper's SAM (ViT-B).
+DEFAULT_SAM = "sam-vit-base"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``float32`` by default; ``float16``/``bfloat16`` only on CUDA (CPU kernels are fp32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if dtype not in table:
+            raise InputError(f"dtype {dtype!r}: expected one of {', '.join(table)}")
+        dtype = table[dtype]
+    if dtype != torch.float32 and device.type != "cuda":
+        raise InputError(f"dtype {dtype} needs a CUDA device, got {device}")
+    return dtype
+
+
+def load_hf(loader_cls: Any, name: str, **kwargs: object) -> Any:
+    """``loader_cls.from_pretrained`` of a short name, hub id or directory, offline-first.
+
+    Raises:
+        ModelUnavailableError: the weights are not available locally (naming the id and how to
+            fetch it), at once under ``HF_HUB_OFFLINE=1``.
+    """
+    return hf_load(loader_cls.from_pretrained, resolve_model(name).source, **kwargs)
+
+
+@dataclasses.dataclass
+class SamImage:
+    """One image encoded by SAM.
+
+    Attributes:
+        embedding: ``[1, C, h, w]`` image embedding (``h = w = image_size / patch_size``).
+        original_size: ``(H, W)`` of the image in pixels.
+        input_size: ``(h', w')`` of the image resized so its longest side is SAM's input size
+            (before padding to a square).
+    """
+
+    embedding: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class SamSegmenter:
+    """SAM with the image embedding computed once and prompts decoded in batches.
+
+    Args:
+        model: short name (``sam-vit-base``), hub id or local directory.
+        device: torch device; CUDA when available by default.
+        dtype: ``float32`` (default), or ``float16``/``bfloat16`` on CUDA.
+        prompt_batch: prompts decoded per mask-decoder call (bounds memory: the decoder's
+            two-way attention keeps a copy of the image tokens per prompt).
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_SAM,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        prompt_batch: int = 64,
+    ) -> None:
+        from transformers import SamModel, SamProcessor
+
+        if prompt_batch < 1:
+            raise InputError(f"prompt batch must be >= 1, got {prompt_batch}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model_id = model
+        self.processor: Any = load_hf(SamProcessor, model)
+        self.model: Any = load_hf(SamModel, model).to(self.device, self.dtype).eval()
+        self.image_size = int(self.model.config.vision_config.image_size)
+        self.prompt_batch = prompt_batch
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> SamImage:
+        """Encode ``image`` ``[H, W, 3]`` uint8 RGB once (resize longest side, normalise, pad)."""
+        size = {"longest_edge": self.image_size}
+        pad = {"height": self.image_size, "width": self.image_size}
+        inputs = self.processor(images=image, size=size, pad_size=pad, return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
+        embedding = self.model.get_image_embeddings(pixels)
+        h, w = (int(v) for v in inputs["reshaped_input_sizes"][0])
+        return SamImage(embedding, (image.shape[0], image.shape[1]), (h, w))
+
+    def _to_input(self, coords: torch.Tensor, sam_image: SamImage) -> torch.Tensor:
+        """Pixel coordinates ``[..., 2k]`` (x, y pairs) → SAM input coordinates."""
+        (height, width), (h, w) = sam_image.original_size, sam_image.input_size
+        scale = torch.tensor([w / width, h / height], device=coords.device, dtype=coords.dtype)
+        return coords * scale.repeat(coords.shape[-1] // 2)
+
+    def _decode(
+        self,
+        sam_image: SamImage,
+        *,
+        boxes: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt-encoder + mask-decoder call for ``P`` prompts on the one embedding.
+
+        Args:
+            boxes: ``[P, 4]`` XYXY in SAM input coordinates, or
+            points: ``[P, 2]`` xy in SAM input coordinates (one foreground point per prompt).
+
+        Returns:
+            low-resolution mask logits ``[P, M, 4h, 4w]`` and predicted IoU ``[P, M]``
+            (``M`` = 3 with ``multimask``, else 1).
+        """
+        labels = None
+        if points is not None:
+            points = points[None, :, None, :]  # [1, P, 1, 2]
+            labels = torch.ones(points.shape[:3], dtype=torch.long, device=self.device)
+        sparse, dense = self.model.prompt_encoder(
+            input_points=points,
+            input_labels=labels,
+            input_boxes=None if boxes is None else boxes[None],
+            input_masks=None,
+        )
+        masks, iou = self.model.mask_decoder(
+            image_embeddings=sam_image.embedding,
+            image_positional_embeddings=self.model.get_image_wide_positional_embeddings(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        return masks[0], iou[0]
+
+    def _upscale(self, logits: torch.Tensor, sam_image: SamImage) -> torch.Tensor:
+        """Low-resolution logits ``[P, M, h, w]`` → logits ``[P, M, H, W]`` at image size
+        (upsample to the padded input, crop the padding, resize: SAM's post-processing)."""
+        size = (self.image_size, self.image_size)
+        logits = F.interpolate(logits.float(), size, mode="bilinear", align_corners=False)
+        h, w = sam_image.input_size
+        logits = logits[..., :h, :w]
+        return F.interpolate(logits, sam_image.original_size, mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def segment_boxes(
+        self, sam_image: SamImage, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks of box prompts.
+
+        Args:
+            sam_image: from :meth:`embed`.
+            boxes: ``[N, 4]`` XYXY pixels of the original image.
+
+        Returns:
+            ``[N, H, W]`` bool masks at image size and ``[N]`` predicted IoU, on the device.
+        """
+        boxes = self._to_input(boxes.to(self.device, self.dtype), sam_image)
+        masks, ious = [], []
+        for start in range(0, len(boxes), self.prompt_batch):
+            logits, iou = self._decode(
+                sam_image, boxes=boxes[start : start + self.prompt_batch], multimask=False
+            )
+            masks.append(self._upscale(logits, sam_image)[:, 0] > 0)
+            ious.append(iou[:, 0].float())
+        height, width = sam_image.original_size
+        if not masks:
+            return torch.zeros((0, height, width), dtype=torch.bool, device=self.device), (
+                torch.zeros(0, device=self.device)
+            )
+        return torch.cat(masks), torch.cat(ious)
+
+    @torch.inference_mode()
+    def segment_points(
+        self, sam_image: SamImage, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Three candidate masks per point prompt (SAM's multimask output), for one batch.
+
+        Args:
+            points: ``[P, 2]`` xy pixels of the original image, ``P <= prompt_batch``.
+
+        Returns:
+            mask logits ``[P, 3, H, W]`` at image size and predicted IoU ``[P, 3]``.
+        """
+        points = self._to_input(points.to(self.device, self.dtype), sam_image)
+        logits, iou = self._decode(sam_image, points=points, multimask=True)
+        return self._upscale(logits, sam_image), iou.float()
+
+
+@dataclasses.dataclass
+class Detections:
+    """Boxes found for class names in one image.
+
+    Attributes:
+        boxes: ``[K, 4]`` float XYXY pixels of the original image.
+        scores: ``[K]`` float confidence in ``[0, 1]``.
+        labels: ``[K]`` long index into the class names given to :meth:`Detector.detect`.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> Detections:
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
+
+
+class Detector(abc.ABC):
+    """An open-vocabulary box detector: image + class names → :class:`Detections`."""
+
+    @abc.abstractmethod
+    def detect(self, image: np.ndarray, classes: Sequence[str]) -> Detections:
+        """Boxes above the detector's thresholds for ``classes`` in ``image`` ``[H, W, 3]``
+        uint8 RGB, with one class per box."""
+
+
+def empty_proposals(height: int, width: int, kept: np.ndarray | None = None) -> Proposals:
+    """No proposals for an ``H×W`` image (class hints present, so labelled builds accept it)."""
+    return Proposals(
+        np.zeros((0, height, width), bool),
+        np.zeros(0, np.float32),
+        class_hints=np.zeros(0, np.int64),
+        kept_classes=np.zeros(0, np.int64) if kept is None else kept,
+    )
+
+
+class DetectorSamProposer(MaskProposer):
+    """Detector boxes → SAM masks, with a class hint per mask and classes pruned per image.
+
+    Classes with no box above the detector's thresholds are pruned (``kept_classes``; paper
+    §2.2). Per-class box NMS (IoU ``nms_iou``) runs before SAM; afterwards masks smaller than
+    ``min_area`` pixels are dropped and near-duplicates removed by class-agnostic mask NMS (IoU
+    ``mask_nms_iou``, higher detection score kept). A mask's score is its box's detection score.
+    """
+
+    def __init__(
+        self,
+        detector: Detector,
+        sam: SamSegmenter,
+        *,
+        nms_iou: float = 0.5,
+        min_area: int = 100,
+        mask_nms_iou: float = 0.8,
+    ) -> None:
+        self.detector = detector
+        self.sam = sam
+        self.nms_iou = nms_iou
+        self.min_area = min_area
+        self.mask_nms_iou = mask_nms_iou
+
+    def propose(
+        self,
+        image: np.ndarray,
+        classes: Sequence[str] | None = None,
+        *,
+        source: str | Path | None = None,
+    ) -> Proposals:
+        if not classes:
+            raise InputError(f"proposer {self.name!r} is prompted by class names: give classes")
+        height, width = image.shape[:2]
+        found = self.detector.detect(image, classes)
+        found = found.select(batched_nms(found.boxes, found.scores, found.labels, self.nms_iou))
+        kept = np.unique(found.labels.cpu().numpy()).astype(np.int64)
+        if len(found.boxes) == 0:
+            return empty_proposals(height, width, kept)
+        masks, _ = self.sam.segment_boxes(self.sam.embed(image), found.boxes)
+        scores = found.scores.to(masks.device)
+        labels = found.labels.to(masks.device)
+        large = masks.sum(dim=(1, 2)) >= self.min_area
+        masks, scores, labels = masks[large], scores[large], labels[large]
+        keep = mask_nms(masks, scores, self.mask_nms_iou)
+        return Proposals(
+            masks[keep].cpu().numpy(),
+            scores[keep].cpu().numpy(),
+            class_hints=labels[keep].cpu().numpy(),
+            kept_classes=kept,
+        )

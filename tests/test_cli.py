@@ -208,3 +208,42 @@ def test_console_script_help() -> None:
         [sys.executable, "-m", "retclip", "db", "build", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "--coco-panoptic" in result.stdout
+
+
+def test_models_command_lists_backbones_and_proposer_models() -> None:
+    result = run("models")
+    assert result.exit_code == 0
+    for name in (
+        "clip-b16",
+        "clip-l14",
+        "convnext-l",
+        "rn50x64",
+        "grounding-dino-base",
+        "sam-vit-base",
+    ):
+        assert name in result.output
+    listed = json.loads(run("models", "--kind", "backbone", "--json").output)
+    assert {m["kind"] for m in listed} == {"backbone"}
+
+
+def test_segment_with_the_weight_free_regions_proposer(scenes, tmp_path) -> None:
+    _, image_dir = scenes["val"]
+    image = sorted(image_dir.iterdir())[0]
+    result = run(
+        "segment", image, "--classes", "red, yellow, blue, green", "--backbone", "color",
+        "--proposer", "regions", "--out", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / f"{image.stem}_panoptic.json").read_text())
+    assert {"blue", "green"} <= {s["category_name"] for s in info["segments_info"]}
+
+
+def test_db_build_source_errors(scenes, tmp_path) -> None:
+    json_path, images = scenes["db"]
+    base = ["db", "build", tmp_path / "db", "--backbone", "color", "--images", images]
+    assert_error(run(*base), "--coco-panoptic", "--labels", "--captions")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"image": "x.png", "caption": "an apple"}\n')
+    assert_error(run(*base, "--captions", captions, "--proposer", "gt"), "--vocab")
+    assert_error(run(*base, "--labels", captions), "--proposer")
+    assert_error(run(*base, "--coco-panoptic", json_path, "--proposer", "regions"), "ground-truth")

@@ -51,9 +51,6 @@ def _check_output_dir(out: Path) -> None:
         raise InputError(f"output directory {out} is not writable: {exc.strerror}") from None
 
 
-backbone_option = click.option(
-    "--backbone", required=True, help="Backbone name (see README, 'Backbones'), e.g. color."
-)
 device_option = click.option(
     "--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda:N."
 )
@@ -70,6 +67,81 @@ gt_options = [
         help="Folder of its panoptic PNGs [default: the JSON path without .json].",
     ),
 ]
+#: Backbone options: CLI name → load_backbone keyword (None = the backbone's default).
+BACKBONE_OPTIONS = {"resolution": "resolution", "dense_mode": "dense_mode"}
+#: Proposer options: CLI name → load_proposer keyword (None = the proposer's default).
+PROPOSER_OPTIONS = {
+    "detector": "detector",
+    "sam": "sam",
+    "box_threshold": "box_threshold",
+    "text_threshold": "text_threshold",
+    "nms_iou": "nms_iou",
+    "min_mask_area": "min_area",
+    "mask_nms_iou": "mask_nms_iou",
+    "points_per_side": "points_per_side",
+    "points_per_batch": "points_per_batch",
+    "pred_iou_threshold": "pred_iou_threshold",
+    "stability_threshold": "stability_threshold",
+}
+model_options = [
+    click.option(
+        "--backbone",
+        required=True,
+        help="color, toy, clip-b16, clip-l14, convnext-l, rn50x64, a hub id or a local folder.",
+    ),
+    click.option("--resolution", type=int, help="Backbone input short side in pixels."),
+    click.option(
+        "--dense-mode", type=click.Choice(["value", "tokens"]), help="CLIP ViT dense features."
+    ),
+    *gt_options,
+    click.option("--detector", help="Detector of grounded-sam / owl-sam (name or hub id)."),
+    click.option("--sam", help="SAM model of the SAM-based proposers (name or hub id)."),
+    click.option("--box-threshold", type=float, help="Detector box score threshold."),
+    click.option("--text-threshold", type=float, help="Grounding DINO text threshold."),
+    click.option("--nms-iou", type=float, help="Per-class box NMS IoU."),
+    click.option(
+        "--min-mask-area", type=float, help="Smallest mask kept (pixels; regions: fraction)."
+    ),
+    click.option("--mask-nms-iou", type=float, help="Duplicate-mask NMS IoU."),
+    click.option("--points-per-side", type=int, help="sam-grid: points per image side."),
+    click.option("--points-per-batch", type=int, help="sam-grid: prompts per decoder call."),
+    click.option("--pred-iou-threshold", type=float, help="sam-grid: predicted-IoU filter."),
+    click.option("--stability-threshold", type=float, help="sam-grid: stability filter."),
+    click.option(
+        "--dtype",
+        type=click.Choice(["float32", "float16", "bfloat16"]),
+        help="Model weights' dtype (half precision on CUDA only).",
+    ),
+    device_option,
+]
+
+
+def _load_models(proposer: str | None, options: dict[str, Any]) -> tuple[Any, Any]:
+    """The backbone and proposer (``None`` if not named) that the CLI options describe."""
+    from retclip.backbones import load_backbone, resolve_device
+    from retclip.proposers import load_proposer
+    from retclip.proposers.registry import MODEL_PROPOSERS
+
+    device = resolve_device(options["device"])
+    backbone_kwargs = {
+        keyword: options[name] for name, keyword in BACKBONE_OPTIONS.items() if options[name]
+    }
+    if options["dtype"]:
+        backbone_kwargs["dtype"] = options["dtype"]
+    backbone = load_backbone(options["backbone"], device, **backbone_kwargs)
+    if proposer is None:
+        return backbone, None
+    proposer_kwargs = {
+        keyword: options[name]
+        for name, keyword in PROPOSER_OPTIONS.items()
+        if options[name] is not None
+    }
+    if proposer in MODEL_PROPOSERS:
+        proposer_kwargs.update(device=device, dtype=options["dtype"])
+    built = load_proposer(
+        proposer, gt_json=options["gt_json"], gt_masks=options["gt_masks"], **proposer_kwargs
+    )
+    return backbone, built
 
 
 def _with(options: Sequence[Any]) -> Any:
@@ -93,9 +165,8 @@ def cli() -> None:
     "--classes", help='Class names, comma-separated; synonyms with "|": "sofa|couch, wall".'
 )
 @click.option("--vocab", help="A built-in vocabulary (ade20k-150, coco-panoptic-133) or a file.")
-@backbone_option
-@click.option("--proposer", required=True, help="Mask proposer name, e.g. gt.")
-@_with(gt_options)
+@click.option("--proposer", required=True, help="gt, regions, grounded-sam, owl-sam or sam-grid.")
+@_with(model_options)
 @click.option("--db", type=click.Path(path_type=Path), help="Feature database for s_ret.")
 @click.option(
     "--fallback-db",
@@ -114,28 +185,18 @@ def cli() -> None:
 @click.option("--score-threshold", default=0.0, show_default=True)
 @click.option("--overlap-threshold", default=0.8, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@device_option
 def segment(
     images: tuple[Path, ...],
     classes: str | None,
     vocab: str | None,
-    backbone: str,
     proposer: str,
-    gt_json: Path | None,
-    gt_masks: Path | None,
     db: Path | None,
     fallback_db: Path | None,
     train_vocab: str | None,
-    alpha: float,
-    beta: float,
-    gamma: float,
     k: int,
-    combine: str,
     pooling: str,
-    score_threshold: float,
-    overlap_threshold: float,
     out: Path,
-    device: str,
+    **options: Any,
 ) -> None:
     """Segment IMAGES with the given classes; writes five files per image into --out.
 
@@ -144,7 +205,6 @@ def segment(
     per-mask s_clip / s_ret / s_iv, for re-scoring without a model pass).
     """
     from retclip.images import load_image
-    from retclip.proposers import load_proposer
     from retclip.segmenter import Segmenter
 
     vocabulary = _vocabulary(classes, vocab)
@@ -155,21 +215,21 @@ def segment(
         if not image.is_file():
             raise InputError(f"image not found: {image}")
     _check_output_dir(out)
+    settings = {
+        name: options.pop(name)
+        for name in ("alpha", "beta", "gamma", "combine", "score_threshold", "overlap_threshold")
+    }
+    backbone, mask_proposer = _load_models(proposer, options)
     segmenter = Segmenter(
         backbone,
-        load_proposer(proposer, gt_json=gt_json, gt_masks=gt_masks),
+        mask_proposer,
         db=db,
         fallback_db=fallback_db,
         train_vocab=train_vocab,
         k=k,
         pooling=pooling,  # type: ignore[arg-type]
-        device=device,
-        alpha=alpha,
-        beta=beta,
-        gamma=gamma,
-        combine=combine,
-        score_threshold=score_threshold,
-        overlap_threshold=overlap_threshold,
+        device=backbone.device,
+        **settings,
     )
     for image in tqdm(images, unit="img", desc="segment", disable=len(images) < 2):
         result = segmenter(load_image(image), vocabulary, source=image)
@@ -183,35 +243,43 @@ def db() -> None:
     """Build and manage feature databases of mask-pooled features with labels."""
 
 
-def _build_sources(
-    coco_panoptic: Path | None,
-    labels: Path | None,
-    images_dir: Path | None,
-    proposer: str | None,
-    gt_json: Path | None,
-    gt_masks: Path | None,
-) -> tuple[Any, list[Any], str]:
-    """The proposer, the build items and a description of where they come from."""
-    from retclip.database.build import items_from_dataset, items_from_labels_file
-    from retclip.datasets import CocoPanopticDataset
-    from retclip.proposers import GroundTruthProposer, load_proposer
+def _build_items(options: dict[str, Any]) -> tuple[list[Any], str, Any]:
+    """Build items, a description of their origin, and synonyms for their labels (or None)."""
+    from retclip.database.build import items_from_labels_file
 
+    images_dir = options.pop("images_dir")
+    sources = {k: options.pop(k) for k in ("coco_panoptic", "labels", "captions")}
+    vocab = options.pop("vocab")
+    given = [k for k, v in sources.items() if v is not None]
+    if len(given) != 1:
+        raise InputError("give exactly one source: --coco-panoptic, --labels or --captions")
     if images_dir is None:
         raise InputError("give the images folder with --images")
-    if (coco_panoptic is None) == (labels is None):
-        raise InputError("give exactly one source: --coco-panoptic JSON or --labels FILE")
-    if coco_panoptic is not None:
-        if proposer not in (None, "gt"):
+    if sources["coco_panoptic"] is not None:
+        if options["proposer"] not in (None, "gt"):
             raise InputError("--coco-panoptic builds from ground-truth masks: omit --proposer")
-        dataset = CocoPanopticDataset(coco_panoptic, images_dir, gt_masks)
-        origin = f"coco-panoptic:{coco_panoptic.resolve()}"
-        return GroundTruthProposer(dataset), items_from_dataset(dataset), origin
-    assert labels is not None
-    if proposer is None:
+        options["proposer"] = "gt"
+        options["gt_json"] = sources["coco_panoptic"]
+        from retclip.database.build import items_from_dataset
+        from retclip.datasets import CocoPanopticDataset
+
+        dataset = CocoPanopticDataset(sources["coco_panoptic"], images_dir, options["gt_masks"])
+        origin = f"coco-panoptic:{sources['coco_panoptic'].resolve()}"
+        return items_from_dataset(dataset), origin, None
+    if options["proposer"] is None:
         raise InputError("building from image-level labels needs a class-prompted --proposer")
-    items = items_from_labels_file(labels, images_dir)
-    origin = f"labels:{labels.resolve()}"
-    return load_proposer(proposer, gt_json=gt_json, gt_masks=gt_masks), items, origin
+    if sources["labels"] is not None:
+        items = items_from_labels_file(sources["labels"], images_dir)
+        return items, f"labels:{sources['labels'].resolve()}", None
+    from retclip.database.captions import items_from_captions, label_synonyms
+    from retclip.vocabulary import Vocabulary
+
+    if vocab is None:
+        raise InputError("--captions needs --vocab: the classes to look for in the captions")
+    vocabulary = Vocabulary.load(vocab)
+    items = items_from_captions(sources["captions"], images_dir, vocabulary)
+    origin = f"captions:{sources['captions'].resolve()}:{vocabulary.key()}"
+    return items, origin, label_synonyms(vocabulary)
 
 
 build_options = [
@@ -225,61 +293,55 @@ build_options = [
         type=click.Path(path_type=Path),
         help="JSON/CSV of image-level labels per image (README, 'db build').",
     ),
+    click.option(
+        "--captions",
+        type=click.Path(path_type=Path),
+        help="JSONL/CSV of image captions; labels = --vocab classes they mention.",
+    ),
+    click.option("--vocab", help="Vocabulary searched in --captions (built-in name or file)."),
     click.option("--images", "images_dir", type=click.Path(path_type=Path), help="Images folder."),
-    click.option("--proposer", help="Class-prompted proposer for --labels."),
-    *gt_options,
-    backbone_option,
+    click.option("--proposer", help="Class-prompted proposer for --labels / --captions."),
+    *model_options,
     click.option("--batch-size", default=8, show_default=True, help="Images per commit."),
     click.option("--limit", type=int, help="Use only the first N images."),
     click.option("--pooling", type=click.Choice(["soft", "binary"]), default="soft"),
-    device_option,
 ]
 
 
-def _run_build(
-    path: Path,
-    create: bool,
-    dtype: str,
-    index: str,
-    options: dict[str, Any],
-) -> None:
-    from retclip.backbones import load_backbone, resolve_device
+def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     from retclip.database import FeatureDatabase, IndexSpec
     from retclip.database.build import build_database, build_id_for
 
-    proposer, items, origin = _build_sources(
-        options["coco_panoptic"],
-        options["labels"],
-        options["images_dir"],
-        options["proposer"],
-        options["gt_json"],
-        options["gt_masks"],
-    )
-    if options["limit"] is not None:
-        if options["limit"] < 1:
-            raise InputError(f"--limit must be >= 1, got {options['limit']}")
-        items = items[: options["limit"]]
-    backbone = load_backbone(options["backbone"], resolve_device(options["device"]))
+    items, origin, synonyms = _build_items(options)
+    limit, batch_size, pooling = (options.pop(k) for k in ("limit", "batch_size", "pooling"))
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit must be >= 1, got {limit}")
+        items = items[:limit]
+    feature_dtype, index = options.pop("feature_dtype", None), options.pop("index", None)
+    backbone, proposer = _load_models(options.pop("proposer"), options)
     if create:
         database = FeatureDatabase.create(
             path,
             fingerprint=backbone.fingerprint,
             dim=backbone.dim,
-            dtype=dtype,
+            dtype=feature_dtype,
             index=IndexSpec.parse(index),
             exist_ok=True,
         )
     else:
         database = FeatureDatabase.open(path)
-    build_id = build_id_for(backbone, proposer, origin, options["pooling"])
+    settings = json.dumps({k: options[k] for k in PROPOSER_OPTIONS}, sort_keys=True)
+    build_id = build_id_for(backbone, proposer, f"{origin}:{settings}", pooling)
     report = build_database(
         database,
         backbone,
         proposer,
         items,
         build_id=build_id,
-        batch_size=options["batch_size"],
-        pooling=options["pooling"],
+        batch_size=batch_size,
+        pooling=pooling,
+        synonyms=synonyms,
     )
     click.echo(
         f"{path}: added {report.rows} rows from {report.images} images"
@@ -292,19 +354,25 @@ def _run_build(
 @db.command("build")
 @click.argument("path", type=click.Path(path_type=Path))
 @_with(build_options)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16")
+@click.option(
+    "--feature-dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="How features are stored.",
+)
 @click.option(
     "--index", default="flat", show_default=True, help="flat, ivf-flat, ivf-pq or hnsw[:k=v,...]."
 )
-def db_build(path: Path, dtype: str, index: str, **options: Any) -> None:
+def db_build(path: Path, **options: Any) -> None:
     """Build (or resume building) the database at PATH.
 
     From --coco-panoptic JSON --images DIR: one row per ground-truth segment. From --labels FILE
-    --images DIR --proposer NAME: the proposer is prompted with each image's labels and every mask
-    it assigns to one of them becomes a row. Re-running the same command after an interruption
-    resumes where the last committed batch ended.
+    (or --captions FILE --vocab V) --images DIR --proposer NAME: the proposer is prompted with each
+    image's labels and every mask it assigns to one of them becomes a row. Re-running the same
+    command after an interruption resumes where the last committed batch ended.
     """
-    _run_build(path, True, dtype, index, options)
+    _run_build(path, True, options)
 
 
 @db.command("add")
@@ -315,7 +383,7 @@ def db_add(path: Path, **options: Any) -> None:
 
     This is how a new class is taught without training: add images labelled with it.
     """
-    _run_build(path, False, "", "", options)
+    _run_build(path, False, options)
 
 
 @db.command("remove")
@@ -380,6 +448,51 @@ def db_index(path: Path, spec: str) -> None:
     database = FeatureDatabase.open(path)
     database.set_index(IndexSpec.parse(spec))
     click.echo(f"{path}: index {spec} built over {len(database)} rows")
+
+
+@cli.group(cls=_Group)
+def toyworld() -> None:
+    """The offline toy world: procedural scenes with panoptic labels and captions."""
+
+
+@toyworld.command("generate")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--split", type=click.Choice(["train", "db", "val"]), required=True)
+@click.option("--n", "count", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Splits never share a scene.")
+def toyworld_generate(out: Path, split: str, count: int, seed: int) -> None:
+    """Write N scenes of a split as a COCO-panoptic dataset plus a captions file.
+
+    Files: OUT/images/*.png, OUT/panoptic_SPLIT/*.png, OUT/panoptic_SPLIT.json and
+    OUT/captions_SPLIT.jsonl; the same seed always gives the same scenes.
+    """
+    from retclip.toyworld.dataset import write_split
+
+    _check_output_dir(out)
+    json_path, _ = write_split(out, split, count, seed, progress=True)
+    click.echo(f"{out}: {count} {split} scenes; annotations in {json_path}")
+
+
+@cli.command("models")
+@click.option(
+    "--kind", type=click.Choice(["backbone", "detector", "segmenter"]), help="Only this kind."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def models_command(kind: str | None, as_json: bool) -> None:
+    """List the registered models: short name, hub id, kind, size and licence.
+
+    Weights are never downloaded by the tests; to use a model offline, fetch it once with
+    `hf download <hub id>` (or pass a local directory as the model name). See docs/models.md.
+    """
+    from retclip.models import list_models
+
+    entries = list_models(kind)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in entries], indent=2))
+        return
+    click.echo(f"{'name':<22}{'kind':<11}{'params':>8}  {'licence':<12}hub id")
+    for m in entries:
+        click.echo(f"{m.name:<22}{m.kind:<11}{m.params_m:>7.0f}M  {m.licence:<12}{m.hub_id}")
 
 
 @cli.command("vocab")

@@ -22,15 +22,20 @@ def _ground_truth(gt_json: Path | None = None, gt_masks: Path | None = None) -> 
 
 
 #: Proposers backed by pretrained models: name → (module, class), imported when first used.
-_MODEL_PROPOSERS: dict[str, tuple[str, str]] = {
+MODEL_PROPOSERS: dict[str, tuple[str, str]] = {
     "grounded-sam": ("retclip.proposers.grounded_sam", "GroundedSamProposer"),
     "owl-sam": ("retclip.proposers.owl_sam", "OwlSamProposer"),
     "sam-grid": ("retclip.proposers.sam_grid", "SamGridProposer"),
 }
+#: Every proposer built from options (weight-free ones too), imported when first used.
+_LAZY_PROPOSERS: dict[str, tuple[str, str]] = {
+    **MODEL_PROPOSERS,
+    "regions": ("retclip.proposers.regions", "RegionsProposer"),
+}
 
 
 def _model_proposer_class(name: str) -> type[MaskProposer]:
-    module, attribute = _MODEL_PROPOSERS[name]
+    module, attribute = _LAZY_PROPOSERS[name]
     cls: type[MaskProposer] = getattr(importlib.import_module(module), attribute)
     return cls
 
@@ -49,7 +54,7 @@ def _model_proposer(name: str, **options: Any) -> MaskProposer:
 
 PROPOSERS: dict[str, Callable[..., MaskProposer]] = {
     "gt": _ground_truth,
-    **{name: functools.partial(_model_proposer, name) for name in _MODEL_PROPOSERS},
+    **{name: functools.partial(_model_proposer, name) for name in _LAZY_PROPOSERS},
 }
 
 
@@ -69,7 +74,8 @@ def load_proposer(
     (``grounded-sam`` also ``text_threshold``, ``shortest_edge``, ``longest_edge``); ``sam-grid``
     takes ``sam``, ``points_per_side``, ``points_per_batch``, ``pred_iou_threshold``,
     ``stability_threshold``, ``stability_offset``, ``mask_nms_iou``, ``min_area``, ``device``,
-    ``dtype``.
+    ``dtype``; the weight-free ``regions`` takes ``blur``, ``superpixels``, ``threshold``,
+    ``min_area`` (a fraction of the image).
 
     Raises:
         InputError: unknown name, or an option the proposer does not take.
@@ -80,7 +86,7 @@ def load_proposer(
         known = ", ".join(sorted(PROPOSERS))
         raise InputError(f"unknown proposer {name!r}: expected one of {known}")
     given = {key: value for key, value in options.items() if value is not None}
-    if name in _MODEL_PROPOSERS:
+    if name in _LAZY_PROPOSERS:
         return builder(**given)
     if given:
         raise InputError(f"proposer {name!r} takes no option {', '.join(sorted(given))}")

@@ -512,6 +512,12 @@ def vocab_command(spec: str, train_vocab: str | None) -> None:
         click.echo(f"{int(seen.sum())} of {len(vocabulary)} classes seen in {train_vocab}")
 
 
+from retclip.evaluation.cli import eval_command, sweep_command  # noqa: E402
+
+cli.add_command(eval_command)
+cli.add_command(sweep_command)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
     cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="retclip")

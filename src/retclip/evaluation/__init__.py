@@ -1,0 +1,44 @@
+"""Evaluation: panoptic quality, semantic and mask-AP metrics, the eval loop and reports.
+
+Modules: :mod:`~retclip.evaluation.panoptic_quality` (PQ), :mod:`~retclip.evaluation.semantic`
+(mIoU), :mod:`~retclip.evaluation.mask_ap` (COCOeval), :mod:`~retclip.evaluation.report` (the
+reported numbers and files), :mod:`~retclip.evaluation.runner` (datasets, cache, loops) and
+:mod:`~retclip.evaluation.cli` (``retclip eval`` / ``retclip sweep``). Names below are imported on
+first use, so that the command line starts without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MaskAPAccumulator": "mask_ap",
+    "PQStats": "panoptic_quality",
+    "SegmentsInfo": "panoptic_quality",
+    "pq_image": "panoptic_quality",
+    "pq_per_class": "panoptic_quality",
+    "pq_summary": "panoptic_quality",
+    "SemanticConfusion": "semantic",
+    "Evaluator": "report",
+    "markdown_table": "report",
+    "write_report": "report",
+    "DatasetSpec": "runner",
+    "EvalDataset": "runner",
+    "GroundTruth": "runner",
+    "PredictionFolder": "runner",
+    "ScoreCache": "runner",
+    "run_model": "runner",
+    "score_cache": "runner",
+    "score_predictions": "runner",
+    "sweep_grid": "runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retclip.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"retclip.evaluation.{module}"), name)

@@ -108,6 +108,14 @@ def test_equals_cocoeval(seed: int) -> None:
     assert np.isnan(per_class[3])
 
 
+def test_evaluate_can_be_called_again() -> None:
+    # pycocotools' loadRes mutates the detections it is given; a second call must not see that
+    accumulator = accumulate(random_images(np.random.default_rng(3), 4, 0))
+    first, _ = accumulator.evaluate({})
+    second, _ = accumulator.evaluate({})
+    assert first == second
+
+
 def test_at_most_100_detections_per_image_highest_first() -> None:
     images = random_images(np.random.default_rng(7), 3, 150)
     results, _ = accumulate(images).evaluate()

@@ -10,6 +10,7 @@ over the valid entries), which equals running ``COCOeval`` with ``params.catIds`
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -102,7 +103,9 @@ class MaskAPAccumulator:
         }
         with contextlib.redirect_stdout(io.StringIO()):
             gt.createIndex()
-            dt = gt.loadRes(self._dt) if self._dt else _empty_results(gt)
+            dt = (
+                gt.loadRes(copy.deepcopy(self._dt)) if self._dt else _empty_results(gt)
+            )  # loadRes mutates
             evaluator = COCOeval(gt, dt, iouType="segm")
             evaluator.params.maxDets = [1, 10, self.max_detections]
             evaluator.evaluate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import colorsys
 import io
 import json
+import math
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -159,7 +160,8 @@ def render_overlay(
     *,
     alpha: float = 0.5,
 ) -> np.ndarray:
-    """Image with segments tinted, outlined and labelled ``"<class> <score>"``.
+    """Image with segments tinted, outlined and labelled ``"<class> <score>"`` (the class alone
+    for a NaN score, e.g. ground truth).
 
     Every segment (every instance, for things) gets its own colour, blended with weight
     ``alpha``; void stays as is. Outlines are drawn in white between segments and around void,
@@ -217,7 +219,7 @@ def render_overlay(
         if segment.id not in points:
             continue
         name = class_names[segment.category].split(",")[0].strip()
-        text = f"{name} {segment.score:.2f}"
+        text = name if math.isnan(segment.score) else f"{name} {segment.score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         box_w, box_h = right - left + 2 * pad, bottom - top + 2 * pad
         px, py = points[segment.id]

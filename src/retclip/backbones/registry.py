@@ -37,8 +37,15 @@ def _open_clip(model: str) -> Callable[..., Backbone]:
     return build
 
 
+def _toy(device: torch.device, **options: Any) -> Backbone:
+    from retclip.backbones.toy import ToyBackbone
+
+    return ToyBackbone(**options).to(device)
+
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "color": ColorBackbone,
+    "toy": _toy,
     "clip-b16": _clip_vit("clip-b16"),
     "clip-l14": _clip_vit("clip-l14"),
     "convnext-l": _open_clip("convnext-l"),

@@ -21,6 +21,7 @@ from retclip.evaluation.runner import (
     score_cache,
     sweep_grid,
 )
+from retclip.proposers.base import Proposals
 from retclip.segmenter import MaskScores, Settings
 
 
@@ -45,9 +46,8 @@ def fill_cache(dataset: EvalDataset, cache: ScoreCache) -> None:
     cache.open({"model": "perfect"})
     for index in range(len(dataset)):
         masks, scores = perfect_scores(dataset, index)
-        cache.save(
-            dataset.stem(index), masks, np.ones(len(masks)), scores, dataset.vocabulary.names
-        )
+        proposals = Proposals(masks=masks, scores=np.ones(len(masks)))
+        cache.save(dataset.stem(index), proposals, scores, dataset.vocabulary.names)
 
 
 def test_ground_truth_from_panoptic(scenes) -> None:

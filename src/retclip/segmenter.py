@@ -174,20 +174,50 @@ class SegmentationResult:
             image_id=stem,
             extra=extra,
         )
-        scores_path = out_dir / f"{stem}_scores.npz"
-        tmp = out_dir / f".{stem}_scores.npz.tmp"
-        arrays: dict[str, np.ndarray] = {
-            "masks": np.packbits(self.proposals.masks, axis=-1),
-            "mask_shape": np.array(self.proposals.masks.shape),
-            "proposal_scores": self.proposals.scores,
-            "class_names": np.array(self.vocabulary.names),
-            **self.scores.to_numpy(),
-        }
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, allow_pickle=False, **arrays)
-        tmp.replace(scores_path)
-        paths["scores"] = scores_path
+        paths["scores"] = out_dir / f"{stem}_scores.npz"
+        save_scores(paths["scores"], self.proposals, self.scores, self.vocabulary.names)
         return paths
+
+
+def save_scores(
+    path: Path, proposals: Proposals, scores: MaskScores, class_names: Sequence[str]
+) -> None:
+    """Write the masks (bit-packed), proposal scores and per-mask path scores to ``path``.
+
+    The file (``.npz``: ``masks``, ``mask_shape``, ``proposal_scores``, ``class_names``,
+    ``s_clip``, ``s_ret``, ``s_iv``, ``seen``, ``kept``) is what re-scoring with other α/β/γ needs;
+    it is written to a temporary name and renamed, so it is never half-written.
+    """
+    arrays: dict[str, np.ndarray] = {
+        "masks": np.packbits(proposals.masks, axis=-1),
+        "mask_shape": np.array(proposals.masks.shape),
+        "proposal_scores": np.asarray(proposals.scores, dtype=np.float32),
+        "class_names": np.array(class_names),
+        **scores.to_numpy(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez_compressed(handle, allow_pickle=False, **arrays)
+    tmp.replace(path)
+
+
+def load_scores(path: Path) -> tuple[Proposals, MaskScores]:
+    """The proposals and per-mask scores written by :func:`save_scores`.
+
+    Raises:
+        InputError: the file is missing or unreadable (it names the file).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        shape = tuple(int(v) for v in arrays["mask_shape"])
+        masks = np.unpackbits(arrays["masks"], axis=-1, count=shape[-1]).astype(bool)
+        proposals = Proposals(masks=masks.reshape(shape), scores=arrays["proposal_scores"])
+    except FileNotFoundError:
+        raise InputError(f"scores file not found: {path}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"scores file {path} is unreadable ({exc}); delete it") from None
+    return proposals, MaskScores.from_numpy(arrays)
 
 
 def merge(
@@ -296,7 +326,10 @@ class Segmenter:
         source_name = str(source) if source is not None else path
         vocab = as_vocabulary(classes)
         text = self.class_embeddings(vocab)
-        proposals = self.proposer.propose(pixels, vocab.names, source=source_name)
+        # class-prompted proposers get each class's first synonym: display names of built-in
+        # vocabularies can be WordNet lists ("road, route") that read badly as prompts
+        prompts = [entry.synonyms[0] for entry in vocab.classes]
+        proposals = self.proposer.propose(pixels, prompts, source=source_name)
         features = segment_features(self.backbone, pixels, proposals.masks, mode=self.pooling)
         s_clip = clip_scores(features, text, self.backbone.logit_scale)
         s_ret = self.retriever.scores(features, vocab, text) if self.retriever else None

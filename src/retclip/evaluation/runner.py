@@ -32,7 +32,14 @@ from retclip.evaluation.report import Evaluator
 from retclip.images import load_image
 from retclip.outputs import rgb2id
 from retclip.proposers.base import Proposals
-from retclip.segmenter import MaskScores, Segmenter, Settings, merge
+from retclip.segmenter import (
+    MaskScores,
+    Segmenter,
+    Settings,
+    load_scores,
+    merge,
+    save_scores,
+)
 from retclip.vocabulary import Vocabulary, normalize_name
 
 __all__ = [
@@ -375,36 +382,16 @@ class ScoreCache:
     def has(self, stem: str) -> bool:
         return self.path(stem).is_file()
 
-    def save(self, stem: str, masks: np.ndarray, proposal_scores: np.ndarray,
-             scores: MaskScores, class_names: Sequence[str]) -> None:  # fmt: skip
-        """Store ``masks [N, H, W]`` bool, ``proposal_scores [N]`` and the path scores."""
-        arrays: dict[str, np.ndarray] = {
-            "masks": np.packbits(masks, axis=-1),
-            "mask_shape": np.array(masks.shape),
-            "proposal_scores": np.asarray(proposal_scores, dtype=np.float32),
-            "class_names": np.array(class_names),
-            **scores.to_numpy(),
-        }
-        tmp = self.directory / f".{stem}.npz.tmp"
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, allow_pickle=False, **arrays)
-        os.replace(tmp, self.path(stem))
+    def save(self, stem: str, proposals: Proposals, scores: MaskScores,
+             class_names: Sequence[str]) -> None:  # fmt: skip
+        """Store one image's proposals and per-mask path scores (atomically)."""
+        save_scores(self.path(stem), proposals, scores, class_names)
 
     def load(self, stem: str) -> tuple[Proposals, MaskScores]:
         """The proposals (masks, scores) and per-mask path scores of ``stem``."""
-        path = self.path(stem)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-            shape = tuple(int(v) for v in arrays["mask_shape"])
-            masks = np.unpackbits(arrays["masks"], axis=-1, count=shape[-1]).astype(bool)
-            masks = masks.reshape(shape)
-            proposals = Proposals(masks=masks, scores=arrays["proposal_scores"])
-        except FileNotFoundError:
-            raise InputError(f"image {stem} is not in the cache {self.directory}") from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"cache file {path} is unreadable ({exc}); delete it") from None
-        return proposals, MaskScores.from_numpy(arrays)
+        if not self.has(stem):
+            raise InputError(f"image {stem} is not in the cache {self.directory}")
+        return load_scores(self.path(stem))
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
@@ -437,13 +424,7 @@ def run_model(
         segmenter = segmenter or make_segmenter()
         path = dataset.image_path(index)
         result = segmenter(load_image(path), vocabulary, source=path)
-        cache.save(
-            dataset.stem(index),
-            result.proposals.masks,
-            result.proposals.scores,
-            result.scores,
-            vocabulary.names,
-        )
+        cache.save(dataset.stem(index), result.proposals, result.scores, vocabulary.names)
     return len(todo)
 
 

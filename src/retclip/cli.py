@@ -15,19 +15,18 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from retclip.errors import InputError, RetclipError
-
-
-class _Group(click.Group):
-    """A click group that turns :class:`RetclipError` into a one-line message and exit 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except RetclipError as exc:
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
+from retclip.cli_options import (
+    ENSEMBLE_FIELDS,
+    CleanErrorsGroup,
+    check_output_dir,
+    ensemble_options,
+    load_models,
+    model_description,
+    model_options,
+    retrieval_options,
+    with_options,
+)
+from retclip.errors import InputError
 
 
 def _vocabulary(classes: str | None, vocab: str | None) -> Any:
@@ -38,122 +37,7 @@ def _vocabulary(classes: str | None, vocab: str | None) -> Any:
     return Vocabulary.from_string(classes) if classes is not None else Vocabulary.load(vocab or "")
 
 
-def _check_output_dir(out: Path) -> None:
-    """Fail before any model work if ``out`` cannot be created or written."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".retclip-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"output directory {out} is not writable: {exc.strerror}") from None
-
-
-device_option = click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda:N."
-)
-gt_options = [
-    click.option(
-        "--gt",
-        "gt_json",
-        type=click.Path(path_type=Path),
-        help="COCO-panoptic JSON with ground-truth masks (for --proposer gt).",
-    ),
-    click.option(
-        "--gt-masks",
-        type=click.Path(path_type=Path),
-        help="Folder of its panoptic PNGs [default: the JSON path without .json].",
-    ),
-]
-#: Backbone options: CLI name → load_backbone keyword (None = the backbone's default).
-BACKBONE_OPTIONS = {"resolution": "resolution", "dense_mode": "dense_mode"}
-#: Proposer options: CLI name → load_proposer keyword (None = the proposer's default).
-PROPOSER_OPTIONS = {
-    "detector": "detector",
-    "sam": "sam",
-    "box_threshold": "box_threshold",
-    "text_threshold": "text_threshold",
-    "nms_iou": "nms_iou",
-    "min_mask_area": "min_area",
-    "mask_nms_iou": "mask_nms_iou",
-    "points_per_side": "points_per_side",
-    "points_per_batch": "points_per_batch",
-    "pred_iou_threshold": "pred_iou_threshold",
-    "stability_threshold": "stability_threshold",
-}
-model_options = [
-    click.option(
-        "--backbone",
-        required=True,
-        help="color, toy, clip-b16, clip-l14, convnext-l, rn50x64, a hub id or a local folder.",
-    ),
-    click.option("--resolution", type=int, help="Backbone input short side in pixels."),
-    click.option(
-        "--dense-mode", type=click.Choice(["value", "tokens"]), help="CLIP ViT dense features."
-    ),
-    *gt_options,
-    click.option("--detector", help="Detector of grounded-sam / owl-sam (name or hub id)."),
-    click.option("--sam", help="SAM model of the SAM-based proposers (name or hub id)."),
-    click.option("--box-threshold", type=float, help="Detector box score threshold."),
-    click.option("--text-threshold", type=float, help="Grounding DINO text threshold."),
-    click.option("--nms-iou", type=float, help="Per-class box NMS IoU."),
-    click.option(
-        "--min-mask-area", type=float, help="Smallest mask kept (pixels; regions: fraction)."
-    ),
-    click.option("--mask-nms-iou", type=float, help="Duplicate-mask NMS IoU."),
-    click.option("--points-per-side", type=int, help="sam-grid: points per image side."),
-    click.option("--points-per-batch", type=int, help="sam-grid: prompts per decoder call."),
-    click.option("--pred-iou-threshold", type=float, help="sam-grid: predicted-IoU filter."),
-    click.option("--stability-threshold", type=float, help="sam-grid: stability filter."),
-    click.option(
-        "--dtype",
-        type=click.Choice(["float32", "float16", "bfloat16"]),
-        help="Model weights' dtype (half precision on CUDA only).",
-    ),
-    device_option,
-]
-
-
-def _load_models(proposer: str | None, options: dict[str, Any]) -> tuple[Any, Any]:
-    """The backbone and proposer (``None`` if not named) that the CLI options describe."""
-    from retclip.backbones import load_backbone, resolve_device
-    from retclip.proposers import load_proposer
-    from retclip.proposers.registry import MODEL_PROPOSERS
-
-    device = resolve_device(options["device"])
-    backbone_kwargs = {
-        keyword: options[name] for name, keyword in BACKBONE_OPTIONS.items() if options[name]
-    }
-    if options["dtype"]:
-        backbone_kwargs["dtype"] = options["dtype"]
-    backbone = load_backbone(options["backbone"], device, **backbone_kwargs)
-    if proposer is None:
-        return backbone, None
-    proposer_kwargs = {
-        keyword: options[name]
-        for name, keyword in PROPOSER_OPTIONS.items()
-        if options[name] is not None
-    }
-    if proposer in MODEL_PROPOSERS:
-        proposer_kwargs.update(device=device, dtype=options["dtype"])
-    built = load_proposer(
-        proposer, gt_json=options["gt_json"], gt_masks=options["gt_masks"], **proposer_kwargs
-    )
-    return backbone, built
-
-
-def _with(options: Sequence[Any]) -> Any:
-    def decorate(func: Any) -> Any:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CleanErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="retclip")
 def cli() -> None:
     """Open-vocabulary panoptic segmentation with retrieval augmentation (RetCLIP)."""
@@ -166,24 +50,10 @@ def cli() -> None:
 )
 @click.option("--vocab", help="A built-in vocabulary (ade20k-150, coco-panoptic-133) or a file.")
 @click.option("--proposer", required=True, help="gt, regions, grounded-sam, owl-sam or sam-grid.")
-@_with(model_options)
-@click.option("--db", type=click.Path(path_type=Path), help="Feature database for s_ret.")
-@click.option(
-    "--fallback-db",
-    type=click.Path(path_type=Path),
-    help="Database for the classes the primary one lacks.",
-)
+@with_options(model_options())
+@with_options(retrieval_options)
 @click.option("--train-vocab", help="Training vocabulary of the proposer (seen classes get alpha).")
-@click.option("--alpha", default=0.4, show_default=True, help="Weight of s_oov, seen classes.")
-@click.option("--beta", default=0.7, show_default=True, help="Weight of s_oov, unseen classes.")
-@click.option("--gamma", default=0.3, show_default=True, help="Weight of s_ret within s_oov.")
-@click.option("-k", "--k", "k", default=10, show_default=True, help="Neighbours retrieved.")
-@click.option(
-    "--combine", type=click.Choice(["linear", "geometric"]), default="linear", show_default=True
-)
-@click.option("--pooling", type=click.Choice(["soft", "binary"]), default="soft", show_default=True)
-@click.option("--score-threshold", default=0.0, show_default=True)
-@click.option("--overlap-threshold", default=0.8, show_default=True)
+@with_options(ensemble_options)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 def segment(
     images: tuple[Path, ...],
@@ -214,12 +84,9 @@ def segment(
     for image in images:
         if not image.is_file():
             raise InputError(f"image not found: {image}")
-    _check_output_dir(out)
-    settings = {
-        name: options.pop(name)
-        for name in ("alpha", "beta", "gamma", "combine", "score_threshold", "overlap_threshold")
-    }
-    backbone, mask_proposer = _load_models(proposer, options)
+    check_output_dir(out)
+    settings = {name: options.pop(name) for name in ENSEMBLE_FIELDS}
+    backbone, mask_proposer = load_models(proposer, options)
     segmenter = Segmenter(
         backbone,
         mask_proposer,
@@ -238,7 +105,7 @@ def segment(
         click.echo(f"{image}: {len(result.segments)} segments ({', '.join(found) or 'none'})")
 
 
-@cli.group(cls=_Group)
+@cli.group(cls=CleanErrorsGroup)
 def db() -> None:
     """Build and manage feature databases of mask-pooled features with labels."""
 
@@ -301,7 +168,7 @@ build_options = [
     click.option("--vocab", help="Vocabulary searched in --captions (built-in name or file)."),
     click.option("--images", "images_dir", type=click.Path(path_type=Path), help="Images folder."),
     click.option("--proposer", help="Class-prompted proposer for --labels / --captions."),
-    *model_options,
+    *model_options(),
     click.option("--batch-size", default=8, show_default=True, help="Images per commit."),
     click.option("--limit", type=int, help="Use only the first N images."),
     click.option("--pooling", type=click.Choice(["soft", "binary"]), default="soft"),
@@ -319,7 +186,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
             raise InputError(f"--limit must be >= 1, got {limit}")
         items = items[:limit]
     feature_dtype, index = options.pop("feature_dtype", None), options.pop("index", None)
-    backbone, proposer = _load_models(options.pop("proposer"), options)
+    backbone, proposer = load_models(options.pop("proposer"), options)
     if create:
         database = FeatureDatabase.create(
             path,
@@ -331,7 +198,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
         )
     else:
         database = FeatureDatabase.open(path)
-    settings = json.dumps({k: options[k] for k in PROPOSER_OPTIONS}, sort_keys=True)
+    settings = json.dumps(model_description(None, options), sort_keys=True)
     build_id = build_id_for(backbone, proposer, f"{origin}:{settings}", pooling)
     report = build_database(
         database,
@@ -353,7 +220,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
 
 @db.command("build")
 @click.argument("path", type=click.Path(path_type=Path))
-@_with(build_options)
+@with_options(build_options)
 @click.option(
     "--feature-dtype",
     type=click.Choice(["float16", "float32"]),
@@ -377,7 +244,7 @@ def db_build(path: Path, **options: Any) -> None:
 
 @db.command("add")
 @click.argument("path", type=click.Path(path_type=Path))
-@_with(build_options)
+@with_options(build_options)
 def db_add(path: Path, **options: Any) -> None:
     """Add rows to the existing database at PATH (same sources as ``db build``).
 
@@ -450,7 +317,7 @@ def db_index(path: Path, spec: str) -> None:
     click.echo(f"{path}: index {spec} built over {len(database)} rows")
 
 
-@cli.group(cls=_Group)
+@cli.group(cls=CleanErrorsGroup)
 def toyworld() -> None:
     """The offline toy world: procedural scenes with panoptic labels and captions."""
 
@@ -468,7 +335,7 @@ def toyworld_generate(out: Path, split: str, count: int, seed: int) -> None:
     """
     from retclip.toyworld.dataset import write_split
 
-    _check_output_dir(out)
+    check_output_dir(out)
     json_path, _ = write_split(out, split, count, seed, progress=True)
     click.echo(f"{out}: {count} {split} scenes; annotations in {json_path}")
 
@@ -494,7 +361,7 @@ def demo_command(out: Path, n_db: int, n_val: int, seed: int) -> None:
     from retclip.backbones import load_backbone
     from retclip.toyworld.demo import run_demo
 
-    _check_output_dir(out)
+    check_output_dir(out)
     summary = run_demo(
         out, backbone=load_backbone("toy"), n_db=n_db, n_val=n_val, seed=seed, log=click.echo
     )

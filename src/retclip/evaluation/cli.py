@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from retclip.errors import InputError, RetclipError
+from retclip.cli_options import (
+    ENSEMBLE_FIELDS,
+    CleanErrorsCommand,
+    ensemble_options,
+    load_models,
+    model_description,
+    model_options,
+    retrieval_options,
+    with_options,
+)
+from retclip.errors import InputError
 
 if TYPE_CHECKING:  # heavy modules (torch, pycocotools) load when a command runs, not at start-up
     import numpy as np
@@ -27,18 +37,6 @@ __all__ = ["eval_command", "sweep_command"]
 SWEEP_COLUMNS = ("PQ", "PQ_th", "PQ_st", "mAP", "mIoU")
 #: The ``--dataset`` choices (``retclip.evaluation.runner.DATASET_KINDS``).
 DATASET_CHOICES = ("coco-panoptic", "ade20k", "coco")
-
-
-class _Command(click.Command):
-    """A click command that turns :class:`RetclipError` into a one-line message and exit 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except RetclipError as exc:
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
@@ -139,15 +137,6 @@ dataset_options = [
 ]
 
 
-def _with(options: Sequence[Any]) -> Any:
-    def decorate(func: Any) -> Any:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return decorate
-
-
 def _spec(o: dict[str, Any]) -> Any:
     from retclip.evaluation.runner import DatasetSpec
 
@@ -166,7 +155,7 @@ def _spec(o: dict[str, Any]) -> Any:
     ).resolved()
 
 
-@click.command("eval", cls=_Command)
+@click.command("eval", cls=CleanErrorsCommand)
 @click.option(
     "--config",
     type=click.Path(path_type=Path),
@@ -175,24 +164,13 @@ def _spec(o: dict[str, Any]) -> Any:
     callback=_load_config,
     help="JSON file of option values (command-line options win).",
 )
-@_with(dataset_options)
+@with_options(dataset_options)
 @click.option("--vocab", help="Class text by position (builtin or file) [default: dataset names].")
 @click.option("--train-vocab", help="Training vocabulary: its classes are 'seen' (weight alpha).")
-@click.option("--backbone", help="Backbone name, e.g. color (not with --predictions).")
 @click.option("--proposer", default="gt", show_default=True, help="Mask proposer name.")
-@click.option("--gt", "gt_json", type=click.Path(path_type=Path), help="GT JSON for --proposer gt.")
-@click.option("--gt-masks", type=click.Path(path_type=Path), help="Its PNG folder.")
-@click.option("--db", type=click.Path(path_type=Path), help="Feature database for s_ret.")
-@click.option("--fallback-db", type=click.Path(path_type=Path), help="Fallback database.")
-@click.option("-k", "--k", "k", default=10, show_default=True, help="Neighbours retrieved.")
-@click.option("--pooling", type=click.Choice(["soft", "binary"]), default="soft")
-@click.option("--alpha", default=0.4, show_default=True, help="Weight of s_oov, seen classes.")
-@click.option("--beta", default=0.7, show_default=True, help="Weight of s_oov, unseen classes.")
-@click.option("--gamma", default=0.3, show_default=True, help="Weight of s_ret within s_oov.")
-@click.option("--combine", type=click.Choice(["linear", "geometric"]), default="linear")
-@click.option("--score-threshold", default=0.0, show_default=True)
-@click.option("--overlap-threshold", default=0.8, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda:N.")
+@with_options(model_options(backbone_required=False))
+@with_options(retrieval_options)
+@with_options(ensemble_options)
 @click.option(
     "--cache",
     type=click.Path(path_type=Path),
@@ -237,7 +215,6 @@ def eval_command(**o: Any) -> None:
         score_cache,
         score_predictions,
     )
-    from retclip.proposers import load_proposer
     from retclip.segmenter import Segmenter, Settings
     from retclip.vocabulary import Vocabulary
 
@@ -249,14 +226,7 @@ def eval_command(**o: Any) -> None:
     vocabulary = _dataset_vocabulary(dataset, o["vocab"])
     train = Vocabulary.load(o["train_vocab"]) if o["train_vocab"] else None
     seen = _seen(vocabulary, train)
-    settings = Settings(
-        alpha=o["alpha"],
-        beta=o["beta"],
-        gamma=o["gamma"],
-        combine=o["combine"],
-        score_threshold=o["score_threshold"],
-        overlap_threshold=o["overlap_threshold"],
-    )
+    settings = Settings(**{name: o[name] for name in ENSEMBLE_FIELDS})
     run: dict[str, Any] = {"dataset": dataclasses.asdict(dataset.spec), "images": len(indices)}
     if o["predictions"] is not None:
         folder = PredictionFolder(
@@ -273,10 +243,10 @@ def eval_command(**o: Any) -> None:
         if not o["backbone"]:
             raise InputError("give --backbone (or --predictions DIR to score existing outputs)")
         gt_json = o["gt_json"] or dataset.panoptic.json_path
-        gt_masks = o["gt_masks"] or (None if o["gt_json"] else dataset.panoptic.masks_dir)
+        o["gt_masks"] = o["gt_masks"] or (None if o["gt_json"] else dataset.panoptic.masks_dir)
+        o["gt_json"] = gt_json
         model = {
-            "backbone": o["backbone"],
-            "proposer": o["proposer"],
+            **model_description(o["proposer"], o),
             "gt": str(Path(gt_json).resolve()) if o["proposer"] == "gt" else None,
             "db": str(Path(o["db"]).resolve()) if o["db"] else None,
             "fallback_db": str(Path(o["fallback_db"]).resolve()) if o["fallback_db"] else None,
@@ -294,15 +264,16 @@ def eval_command(**o: Any) -> None:
         )
 
         def make_segmenter() -> Segmenter:
+            backbone, proposer = load_models(o["proposer"], o)
             return Segmenter(
-                o["backbone"],
-                load_proposer(o["proposer"], gt_json=gt_json, gt_masks=gt_masks),
+                backbone,
+                proposer,
                 db=o["db"],
                 fallback_db=o["fallback_db"],
                 train_vocab=train,
                 k=o["k"],
                 pooling=o["pooling"],
-                device=o["device"],
+                device=backbone.device,
                 **dataclasses.asdict(settings),
             )
 
@@ -323,7 +294,7 @@ def eval_command(**o: Any) -> None:
     click.echo(f"wrote {paths['json']}, {paths['markdown']}, {paths['csv']}")
 
 
-@click.command("sweep", cls=_Command)
+@click.command("sweep", cls=CleanErrorsCommand)
 @click.argument("cache_dir", type=click.Path(path_type=Path))
 @click.option("--alpha", "alphas", default="0.4", show_default=True, help="Comma-separated.")
 @click.option("--beta", "betas", default="0.7", show_default=True, help="Comma-separated.")

@@ -189,3 +189,9 @@ def test_image_to_tensor():
     assert torch.equal(tensor[:, 1, 2], torch.tensor([15.0, 16.0, 17.0]))
     with pytest.raises(ValueError, match="RGB"):
         image_to_tensor(image[..., 0])
+
+
+def test_loaded_images_are_writable(tmp_path):
+    path = tmp_path / "rgb.png"
+    Image.new("RGB", (4, 3), (1, 2, 3)).save(path)
+    assert load_image(path).flags.writeable

@@ -129,7 +129,8 @@ def load_image(path: str | Path) -> np.ndarray:
         raise InputError(f"image {path} is too large to decode safely: {_short(error)}") from error
     except _DECODE_ERRORS as error:
         raise InputError(f"corrupt or truncated image {path}: {_short(error)}") from error
-    return np.ascontiguousarray(array, dtype=np.uint8)
+    # a writable copy: PIL-backed arrays are read-only, which torch.from_numpy warns about
+    return np.array(array, dtype=np.uint8, order="C", copy=True)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -138,3 +138,25 @@ def test_retriever_with_k_larger_than_the_database(tmp_path) -> None:
     # k = 50 > 3 rows: all three take part. Cosines .894 (apple), .447 (carrot), 0 (sea) give
     # distances .106, .553, 1: min-max normalised 0, .5, 1, so scores 1, .5, 0; unicorn has no row.
     np.testing.assert_allclose(s_ret.numpy(), [[1.0, 0.5, 0.0, 0.0]], atol=1e-3)
+
+
+def test_named_labels_do_not_also_match_by_embedding() -> None:
+    from retclip.backbones import ColorBackbone
+    from retclip.database import DatabaseLabel
+    from retclip.scores import match_labels
+    from retclip.text_embeddings import embed_vocabulary
+    from retclip.vocabulary import VocabClass, Vocabulary
+
+    backbone = ColorBackbone()
+    vocab = Vocabulary.from_string("red, rose red")  # two classes whose texts embed identically
+    labels = [DatabaseLabel("red", ("red",)), DatabaseLabel("red paint", ("red paint",))]
+    label_vocab = Vocabulary([VocabClass(label.name, label.synonyms) for label in labels])
+    match = match_labels(
+        vocab,
+        labels,
+        class_embeddings=embed_vocabulary(backbone, vocab),
+        label_embeddings=embed_vocabulary(backbone, label_vocab),
+    )
+    # "red" is named by class 0 only; "red paint" goes to one class (the closest), not to both
+    np.testing.assert_array_equal(match.matrix[0], [True, False])
+    assert match.matrix[1].sum() == 1

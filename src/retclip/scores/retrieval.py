@@ -76,8 +76,13 @@ def match_labels(
         vocab: the query vocabulary (``C`` classes).
         labels: the database's label table (``L`` labels).
         class_embeddings, label_embeddings: text embeddings of the classes' synonyms and of the
-            labels (one "class" per label); with both, cosine > ``threshold`` between any synonym
-            of a class and a label's embedding is a match too.
+            labels (one "class" per label). With both, a label that no class names (no shared
+            synonym) stands for the one class whose text embedding is closest to it, if their
+            cosine exceeds ``threshold`` (paper: 0.95, for labels of another dataset).
+
+    A label named by a class is never matched to other classes by embedding: the names of
+    different classes can embed close together (templates dominate short prompts), and a label
+    voting for several classes would blur ``s_ret``.
     """
     matrix = np.zeros((len(labels), len(vocab)), dtype=bool)
     class_of_synonym = {
@@ -90,12 +95,15 @@ def match_labels(
                 matrix[label_id, c] = True
     if class_embeddings is not None and label_embeddings is not None and len(labels):
         label_cosine = class_embeddings.cosine(label_embeddings.synonym_embeddings)  # [S_l, C]
-        best = torch.full(
+        floor = torch.full(
             (len(labels), len(vocab)), -2.0, device=label_cosine.device, dtype=label_cosine.dtype
         )
         index = label_embeddings.synonym_class[:, None].expand_as(label_cosine)
-        best = best.scatter_reduce(0, index, label_cosine, reduce="amax")
-        matrix |= (best > threshold).cpu().numpy()
+        best = floor.scatter_reduce(0, index, label_cosine, reduce="amax").cpu().numpy()  # [L, C]
+        unnamed = np.flatnonzero(~matrix.any(axis=1))
+        closest = best[unnamed].argmax(axis=1)
+        close = best[unnamed, closest] > threshold
+        matrix[unnamed[close], closest[close]] = True
     return LabelMatch(matrix)
 
 

@@ -4,7 +4,9 @@ Steps: generate the world's ``db`` and ``val`` splits; build a feature database 
 split's ground-truth segments with the shipped toy model; segment the ``val`` scenes once per
 proposer (``gt`` masks and the weight-free ``regions``) — one model pass per image, the per-mask
 scores cached — and score three settings from the cache: ``clip-only`` (γ = 0),
-``retrieval-only`` (γ = 1) and ``retclip`` (the paper's γ = 0.3), plus a γ curve.
+``retrieval-only`` (γ = 1), ``retclip`` (the paper's γ = 0.3) and ``retclip-tuned`` (γ chosen
+on scenes of the ``train`` split, which neither the database nor ``val`` contains), plus a γ
+curve.
 
 Writes into ``--out``: ``metrics.json`` (``{proposer: {setting: {PQ, SQ, RQ, mIoU, mAP}}}``),
 ``figure.png`` (image, ground truth and the three settings side by side), ``gamma_curve.png``,
@@ -42,7 +44,7 @@ SETTINGS = {
     "retclip": Settings(),
 }
 REPORTED = ("PQ", "SQ", "RQ", "mIoU", "mAP")
-GAMMAS = tuple(round(g, 2) for g in np.linspace(0.0, 1.0, 11))
+GAMMAS = tuple(round(float(g), 2) for g in np.linspace(0.0, 1.0, 11))
 
 
 def run_demo(
@@ -51,6 +53,7 @@ def run_demo(
     backbone: Backbone,
     n_db: int = 300,
     n_val: int = 50,
+    n_tune: int = 30,
     seed: int = 0,
     figure_rows: int = 4,
     figures: bool = True,
@@ -59,11 +62,14 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns the content of ``metrics.json``.
 
+    ``n_tune`` scenes of the ``train`` split (which neither the database nor ``val`` sees) choose
+    the γ of ``retclip-tuned``, as the paper tunes its ensemble (Table 4) — never on ``val``.
     ``figures=False`` skips the overlays and plots (the metrics are the same).
     """
     world = out / "world"
-    log(f"generating the toy world ({n_db} database scenes, {n_val} validation scenes)")
+    log(f"generating the toy world ({n_db} database, {n_tune} tuning, {n_val} validation scenes)")
     db_json, db_images = write_split(world, "db", n_db, seed, progress=progress)
+    tune_json, tune_images = write_split(world, "train", n_tune, seed, progress=progress)
     val_json, val_images = write_split(world, "val", n_val, seed, progress=progress)
 
     log("building the feature database from the db split's segments")
@@ -80,21 +86,17 @@ def run_demo(
         progress=progress,
     )
 
-    val = EvalDataset(
-        DatasetSpec(kind="coco-panoptic", panoptic_json=str(val_json), images=str(val_images))
-    )
-    vocabulary = val.vocabulary
-    indices = list(range(len(val)))
-    proposers: dict[str, MaskProposer] = {
-        "gt": GroundTruthProposer(CocoPanopticDataset(val_json, val_images)),
-        "regions": RegionsProposer(),
-    }
-    metrics: dict[str, Any] = {}
-    curves: dict[str, list[float]] = {}
-    caches: dict[str, ScoreCache] = {}
-    for name, proposer in proposers.items():
-        log(f"segmenting the val split with the {name!r} proposer")
-        cache = ScoreCache(out / "cache" / name)
+    def segment(split_json: Path, images: Path, name: str) -> tuple[EvalDataset, ScoreCache]:
+        """Segment a split once with proposer ``name``, caching the per-mask scores."""
+        dataset = EvalDataset(
+            DatasetSpec(kind="coco-panoptic", panoptic_json=str(split_json), images=str(images))
+        )
+        proposer: MaskProposer = (
+            GroundTruthProposer(CocoPanopticDataset(split_json, images))
+            if name == "gt"
+            else RegionsProposer()
+        )
+        cache = ScoreCache(out / "cache" / f"{split_json.stem}-{name}")
         cache.open(
             {
                 "model": {
@@ -103,41 +105,62 @@ def run_demo(
                     "database": database.generation,
                     "rows": len(database),
                 },
-                "vocabulary": vocabulary.names,
+                "vocabulary": dataset.vocabulary.names,
             }
         )
-        caches[name] = cache
+        run_model(
+            dataset,
+            list(range(len(dataset))),
+            cache,
+            lambda: Segmenter(backbone, proposer, db=database, device=backbone.device),
+            dataset.vocabulary,
+            progress=progress,
+        )
+        return dataset, cache
 
-        def make_segmenter(proposer: MaskProposer = proposer) -> Segmenter:
-            return Segmenter(backbone, proposer, db=database, device=backbone.device)
-
-        run_model(val, indices, cache, make_segmenter, vocabulary, progress=progress)
-        curve_settings = [Settings(gamma=g) for g in GAMMAS]
+    def pq_curve(dataset: EvalDataset, cache: ScoreCache) -> list[dict[str, Any]]:
+        settings = [Settings(gamma=g) for g in GAMMAS]
         evaluators = score_cache(
-            val, indices, cache, vocabulary, [*SETTINGS.values(), *curve_settings],
+            dataset, list(range(len(dataset))), cache, dataset.vocabulary, settings,
             progress=progress,
         )  # fmt: skip
-        results = [evaluator.metrics()[0] for evaluator in evaluators]
+        return [evaluator.metrics()[0] for evaluator in evaluators]
+
+    log("choosing γ on the tuning scenes (ground-truth masks)")
+    tune_curve = [float(m["PQ"]) for m in pq_curve(*segment(tune_json, tune_images, "gt"))]
+    tuned_gamma = GAMMAS[int(np.argmax(tune_curve))]
+    settings = {**SETTINGS, "retclip-tuned": Settings(gamma=tuned_gamma)}
+
+    metrics: dict[str, Any] = {}
+    curves: dict[str, list[float]] = {}
+    caches: dict[str, ScoreCache] = {}
+    for name in ("gt", "regions"):
+        log(f"segmenting the val split with the {name!r} proposer")
+        val, caches[name] = segment(val_json, val_images, name)
+        evaluators = score_cache(
+            val, list(range(len(val))), caches[name], val.vocabulary, list(settings.values()),
+            progress=progress,
+        )  # fmt: skip
         metrics[name] = {
-            setting: {key: _round(result[key]) for key in REPORTED}
-            for setting, result in zip(SETTINGS, results, strict=False)
+            setting: {key: _round(evaluator.metrics()[0][key]) for key in REPORTED}
+            for setting, evaluator in zip(settings, evaluators, strict=True)
         }
-        curves[name] = [float(result["PQ"]) for result in results[len(SETTINGS) :]]
+        curves[name] = [float(m["PQ"]) for m in pq_curve(val, caches[name])]
 
     if figures:
-        shown = indices[:figure_rows]
-        _write_overlays(out, val, shown, caches, vocabulary.names)
-        _write_figure(out / "figure.png", val, shown, caches["gt"], vocabulary.names)
-        _write_gamma_curve(out / "gamma_curve.png", curves)
+        shown = list(range(min(figure_rows, len(val))))
+        _write_overlays(out, val, shown, caches, settings)
+        _write_figure(out / "figure.png", val, shown, caches["gt"], settings)
+        _write_gamma_curve(out / "gamma_curve.png", curves, tuned_gamma)
     summary = {
         **metrics,
-        "gamma_curve": {"gamma": list(GAMMAS)}
+        "gamma_curve": {"gamma": list(GAMMAS), "tuning (gt)": [_round(pq) for pq in tune_curve]}
         | {name: [_round(pq) for pq in curve] for name, curve in curves.items()},
         "settings": {
             name: {"alpha": s.alpha, "beta": s.beta, "gamma": s.gamma}
-            for name, s in SETTINGS.items()
+            for name, s in settings.items()
         },
-        "world": {"db": n_db, "val": n_val, "seed": seed},
+        "world": {"db": n_db, "tune": n_tune, "val": n_val, "seed": seed},
         "backbone": backbone.fingerprint.to_dict(),
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -166,16 +189,18 @@ def _ground_truth_segments(val: EvalDataset, index: int) -> tuple[np.ndarray, li
 
 
 def _panels(
-    val: EvalDataset, index: int, cache: ScoreCache, names: list[str]
+    val: EvalDataset, index: int, cache: ScoreCache, settings: dict[str, Settings]
 ) -> dict[str, np.ndarray]:
     """Image, ground truth and one overlay per setting for one val image."""
+    names = val.vocabulary.names
     image = load_image(val.image_path(index))
     proposals, scores = cache.load(val.stem(index))
     gt_map, gt_segments = _ground_truth_segments(val, index)
     panels = {"image": image, "ground truth": render_overlay(image, gt_map, gt_segments, names)}
-    for setting, settings in SETTINGS.items():
-        prediction = merge(scores, proposals, val.vocabulary, settings)
-        panels[setting] = render_overlay(image, prediction.panoptic, prediction.segments, names)
+    for setting, chosen in settings.items():
+        prediction = merge(scores, proposals, val.vocabulary, chosen)
+        title = f"{setting} (γ={chosen.gamma:g})"
+        panels[title] = render_overlay(image, prediction.panoptic, prediction.segments, names)
     return panels
 
 
@@ -184,28 +209,32 @@ def _write_overlays(
     val: EvalDataset,
     indices: list[int],
     caches: dict[str, ScoreCache],
-    names: list[str],
+    settings: dict[str, Settings],
 ) -> None:
     from PIL import Image
 
     for proposer, cache in caches.items():
         for index in indices:
-            panels = _panels(val, index, cache, names)
-            for setting in SETTINGS:
+            panels = list(_panels(val, index, cache, settings).values())[2:]
+            for setting, panel in zip(settings, panels, strict=True):
                 folder = out / "overlays" / proposer / setting
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(panels[setting]).save(folder / f"{val.stem(index)}.png")
+                Image.fromarray(panel).save(folder / f"{val.stem(index)}.png")
 
 
 def _write_figure(
-    path: Path, val: EvalDataset, indices: list[int], cache: ScoreCache, names: list[str]
+    path: Path,
+    val: EvalDataset,
+    indices: list[int],
+    cache: ScoreCache,
+    settings: dict[str, Settings],
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [_panels(val, index, cache, names) for index in indices]
+    rows = [_panels(val, index, cache, settings) for index in indices]
     columns = list(rows[0])
     scale = 4  # toy scenes are 96 px: upscale so that labels stay readable
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.6 * len(columns), 2.6 * len(rows)))
@@ -224,7 +253,7 @@ def _write_figure(
     plt.close(fig)
 
 
-def _write_gamma_curve(path: Path, curves: dict[str, list[float]]) -> None:
+def _write_gamma_curve(path: Path, curves: dict[str, list[float]], tuned_gamma: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,6 +263,7 @@ def _write_gamma_curve(path: Path, curves: dict[str, list[float]]) -> None:
     for proposer, pq in curves.items():
         ax.plot(GAMMAS, pq, marker="o", label=f"{proposer} masks")
     ax.axvline(SETTINGS["retclip"].gamma, color="gray", linestyle="--", linewidth=1)
+    ax.axvline(tuned_gamma, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("γ (weight of s_ret in s_oov)")
     ax.set_ylabel("PQ")
     ax.set_title("PQ against γ on the toy world")

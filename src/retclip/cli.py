@@ -87,6 +87,8 @@ def segment(
     check_output_dir(out)
     settings = {name: options.pop(name) for name in ENSEMBLE_FIELDS}
     backbone, mask_proposer = load_models(proposer, options)
+    if proposer == "fcclip" and train_vocab is None:
+        train_vocab = "coco-panoptic-133"  # FC-CLIP's training vocabulary: its classes are seen
     segmenter = Segmenter(
         backbone,
         mask_proposer,
@@ -415,10 +417,38 @@ def vocab_command(spec: str, train_vocab: str | None) -> None:
         click.echo(f"{int(seen.sum())} of {len(vocabulary)} classes seen in {train_vocab}")
 
 
+@cli.command("convert-fcclip")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--variant",
+    type=click.Choice(["convnext-l", "rn50x64"]),
+    default="convnext-l",
+    show_default=True,
+    help="Architecture of the checkpoint (fcclip_cocopan.pth is convnext-l).",
+)
+@click.option("--include-backbone", is_flag=True, help="Also write the CLIP backbone's weights.")
+def convert_fcclip_command(
+    checkpoint: Path, output: Path, variant: str, include_backbone: bool
+) -> None:
+    """Convert FC-CLIP's released CHECKPOINT (.pth) to retclip's names in OUTPUT (.safetensors).
+
+    Every key is checked against the architecture; missing, unexpected or mis-shaped keys are
+    listed and nothing is written. Use the output with --proposer fcclip --fcclip-checkpoint.
+    """
+    from retclip.fcclip.checkpoint import convert_fcclip
+
+    report = convert_fcclip(checkpoint, output, variant=variant, include_backbone=include_backbone)
+    click.echo(report.format())
+    click.echo(f"wrote {output}")
+
+
 from retclip.evaluation.cli import eval_command, sweep_command  # noqa: E402
+from retclip.server.cli import serve  # noqa: E402
 
 cli.add_command(eval_command)
 cli.add_command(sweep_command)
+cli.add_command(serve)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -78,6 +78,7 @@ PROPOSER_OPTIONS = {
     "points_per_batch": "points_per_batch",
     "pred_iou_threshold": "pred_iou_threshold",
     "stability_threshold": "stability_threshold",
+    "fcclip_checkpoint": "checkpoint",
 }
 
 
@@ -117,6 +118,11 @@ def model_options(*, backbone_required: bool = True) -> list[Callable[[Any], Any
         click.option("--points-per-batch", type=int, help="sam-grid: prompts per decoder call."),
         click.option("--pred-iou-threshold", type=float, help="sam-grid: predicted-IoU filter."),
         click.option("--stability-threshold", type=float, help="sam-grid: stability filter."),
+        click.option(
+            "--fcclip-checkpoint",
+            type=click.Path(path_type=Path),
+            help="fcclip: fcclip_cocopan.pth or its converted .safetensors.",
+        ),
         click.option(
             "--dtype",
             type=click.Choice(["float32", "float16", "bfloat16"]),
@@ -185,6 +191,8 @@ def load_models(proposer: str | None, options: dict[str, Any]) -> tuple[Any, Any
     }
     if proposer in MODEL_PROPOSERS:
         proposer_kwargs.update(device=device, dtype=options["dtype"])
+    if proposer == "fcclip":
+        proposer_kwargs["backbone"] = backbone  # one ConvNeXt for proposals and classification
     built = load_proposer(
         proposer, gt_json=options["gt_json"], gt_masks=options["gt_masks"], **proposer_kwargs
     )

@@ -224,6 +224,8 @@ def eval_command(**o: Any) -> None:
     dataset = EvalDataset(_spec(o))
     indices = dataset.select(o["limit"], _image_ids(o["image_ids"]))
     vocabulary = _dataset_vocabulary(dataset, o["vocab"])
+    if o["proposer"] == "fcclip" and not o["train_vocab"]:
+        o["train_vocab"] = "coco-panoptic-133"  # FC-CLIP's training vocabulary
     train = Vocabulary.load(o["train_vocab"]) if o["train_vocab"] else None
     seen = _seen(vocabulary, train)
     settings = Settings(**{name: o[name] for name in ENSEMBLE_FIELDS})

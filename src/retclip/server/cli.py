@@ -1,0 +1,106 @@
+"""``retclip serve``: run the HTTP API and web page with uvicorn (docs/serve.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from retclip.errors import InputError
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("retclip-data"),
+    show_default=True,
+    help="Folder of the databases (<data-dir>/databases/<name>).",
+)
+@click.option(
+    "--backbone",
+    "backbones",
+    multiple=True,
+    default=("toy",),
+    show_default=True,
+    help="Backbone requests may use (repeat for several; the first is the default).",
+)
+@click.option(
+    "--proposer",
+    "proposers",
+    multiple=True,
+    default=("regions",),
+    show_default=True,
+    help="Proposer requests may use (repeat for several; the first is the default).",
+)
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option(
+    "--token",
+    envvar="RETCLIP_SERVE_TOKEN",
+    help="Bearer token required by requests that write [env RETCLIP_SERVE_TOKEN].",
+)
+@click.option("--max-upload-mb", default=20.0, show_default=True, help="Largest request body.")
+@click.option(
+    "--max-image-pixels", default=4096 * 4096, show_default=True, help="Largest image (W×H)."
+)
+@click.option("--max-classes", default=1000, show_default=True, help="Most classes per request.")
+@click.option("--concurrency", default=1, show_default=True, help="Model batches run at once.")
+@click.option("--queue", "max_queue", default=32, show_default=True, help="Most queued jobs.")
+@click.option("--batch", "max_batch", default=4, show_default=True, help="Jobs per micro-batch.")
+@click.option("--batch-wait-ms", default=0.0, show_default=True, help="Wait to fill a batch.")
+@click.option("--timeout", "timeout_s", default=120.0, show_default=True, help="Seconds per job.")
+@click.option("--cache-mb", default=512, show_default=True, help="Memory for /rescore results.")
+def serve(
+    host: str,
+    port: int,
+    data_dir: Path,
+    backbones: tuple[str, ...],
+    proposers: tuple[str, ...],
+    device: str,
+    token: str | None,
+    max_upload_mb: float,
+    max_image_pixels: int,
+    max_classes: int,
+    concurrency: int,
+    max_queue: int,
+    max_batch: int,
+    batch_wait_ms: float,
+    timeout_s: float,
+    cache_mb: int,
+) -> None:
+    """Serve the segmentation API and web page (http://HOST:PORT/, API docs at /docs).
+
+    Listens on 127.0.0.1 unless --host says otherwise; set --token before listening on another
+    address, since anyone who can reach the port can otherwise add to and delete databases.
+    """
+    import uvicorn
+
+    from retclip.server.app import ServerConfig, create_app
+
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        click.echo(
+            f"warning: listening on {host} without --token: anyone who reaches this port can "
+            "change the databases",
+            err=True,
+        )
+    if max_upload_mb <= 0:
+        raise InputError(f"--max-upload-mb must be > 0, got {max_upload_mb}")
+    config = ServerConfig(
+        data_dir=data_dir,
+        backbones=backbones,
+        proposers=proposers,
+        device=device,
+        token=token,
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        max_image_pixels=max_image_pixels,
+        max_classes=max_classes,
+        max_concurrency=concurrency,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        timeout_s=timeout_s,
+        result_cache_mb=cache_mb,
+    )
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info")

@@ -23,6 +23,7 @@ def _ground_truth(gt_json: Path | None = None, gt_masks: Path | None = None) -> 
 
 #: Proposers backed by pretrained models: name → (module, class), imported when first used.
 MODEL_PROPOSERS: dict[str, tuple[str, str]] = {
+    "fcclip": ("retclip.fcclip.proposer", "FcclipProposer"),
     "grounded-sam": ("retclip.proposers.grounded_sam", "GroundedSamProposer"),
     "owl-sam": ("retclip.proposers.owl_sam", "OwlSamProposer"),
     "sam-grid": ("retclip.proposers.sam_grid", "SamGridProposer"),
@@ -74,8 +75,10 @@ def load_proposer(
     (``grounded-sam`` also ``text_threshold``, ``shortest_edge``, ``longest_edge``); ``sam-grid``
     takes ``sam``, ``points_per_side``, ``points_per_batch``, ``pred_iou_threshold``,
     ``stability_threshold``, ``stability_offset``, ``mask_nms_iou``, ``min_area``, ``device``,
-    ``dtype``; the weight-free ``regions`` takes ``blur``, ``superpixels``, ``threshold``,
-    ``min_area`` (a fraction of the image).
+    ``dtype``; ``fcclip`` takes ``checkpoint`` (required), ``backbone``, ``train_vocab``,
+    ``vocabulary``, ``alpha``, ``beta``, ``object_mask_threshold``, ``short_side``, ``max_size``,
+    ``backbone_check``, ``device`` (``docs/fcclip.md``); the weight-free ``regions`` takes
+    ``blur``, ``superpixels``, ``threshold``, ``min_area`` (a fraction of the image).
 
     Raises:
         InputError: unknown name, or an option the proposer does not take.

@@ -147,3 +147,21 @@ def test_bad_inputs(scenes) -> None:
         segmenter(np.zeros((4, 4, 2), np.uint8), "red")
     with pytest.raises(InputError, match="alpha"):
         Segmenter("color", GroundTruthProposer(val), alpha=2.0)
+
+
+def test_images_of_one_size_share_one_backbone_pass(scenes, scene_db, monkeypatch) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    segmenter = Segmenter("color", GroundTruthProposer(val), db=scene_db, gamma=1.0)
+    one_by_one = [segmenter(val.image_path(i), CLASSES) for i in range(3)]
+    calls = []
+    encode = segmenter.backbone.encode_images
+    monkeypatch.setattr(
+        segmenter.backbone, "encode_images", lambda x: calls.append(x.shape[0]) or encode(x)
+    )
+    prepared = [segmenter.prepare(val.image_path(i), CLASSES) for i in range(3)]
+    batched = segmenter.finish(prepared)
+    assert calls == [3]  # one pass for the three same-size scenes
+    for a, b in zip(one_by_one, batched, strict=True):
+        torch.testing.assert_close(a.scores.s_clip, b.scores.s_clip)
+        torch.testing.assert_close(a.scores.s_ret, b.scores.s_ret)
+        np.testing.assert_array_equal(a.panoptic, b.panoptic)

@@ -110,13 +110,21 @@ def segment_features(
     """``[N, D]`` unit-norm features of ``[N, H, W]`` bool masks from one pass over the image.
 
     This is the one place where an image meets the backbone: the dense map ``[1, D', h, w]`` is
-    computed once and every mask is embedded from it by the backbone's
-    :meth:`~retclip.backbones.base.Backbone.embed_segments`. Empty masks give all-zero rows.
+    computed once and every mask is embedded from it (:func:`features_from_dense`).
     """
     with torch.inference_mode():
         pixels = image_to_tensor(image).unsqueeze(0).to(backbone.device)  # [1, 3, H, W]
-        dense = backbone.encode_images(pixels)  # [1, D', h, w]
-        mask_tensor = torch.from_numpy(masks).to(backbone.device).unsqueeze(0)  # [1, N, H, W]
+        return features_from_dense(backbone, backbone.encode_images(pixels), masks, mode=mode)
+
+
+def features_from_dense(
+    backbone: Backbone, dense: torch.Tensor, masks: np.ndarray, *, mode: PoolingMode = "soft"
+) -> torch.Tensor:
+    """``[N, D]`` unit-norm features of ``[N, H, W]`` bool masks from one image's dense map
+    ``[1, D', h, w]``, by the backbone's
+    :meth:`~retclip.backbones.base.Backbone.embed_segments`. Empty masks give all-zero rows."""
+    with torch.inference_mode():
+        mask_tensor = torch.from_numpy(masks).to(dense.device).unsqueeze(0)  # [1, N, H, W]
         embedded = backbone.embed_segments(dense, mask_tensor, mode=mode)[0]  # [N, D]
         empty = ~mask_tensor[0].flatten(1).any(1, keepdim=True)  # [N, 1]
         return F.normalize(embedded.float(), dim=-1).masked_fill(empty, 0.0)

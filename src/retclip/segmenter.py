@@ -21,10 +21,10 @@ from retclip.backbones.base import Backbone
 from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.database import FeatureDatabase
 from retclip.errors import InputError
-from retclip.images import load_image
+from retclip.images import image_to_tensor, load_image
 from retclip.outputs import write_outputs
 from retclip.panoptic import PanopticPrediction, Segment, postprocess
-from retclip.pooling import PoolingMode, segment_features
+from retclip.pooling import PoolingMode, features_from_dense
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.scores.clip import clip_scores
 from retclip.scores.ensemble import (
@@ -117,6 +117,17 @@ class MaskScores:
         if s_clip is None or kept is None:
             raise InputError("a scores file needs at least s_clip and kept")
         return cls(s_clip=s_clip, s_ret=get("s_ret"), s_iv=get("s_iv"), seen=get("seen"), kept=kept)
+
+
+@dataclasses.dataclass
+class PreparedImage:
+    """One image up to the backbone pass (see :meth:`Segmenter.prepare`)."""
+
+    pixels: np.ndarray  # [H, W, 3] uint8
+    vocabulary: Vocabulary
+    text: ClassEmbeddings
+    proposals: Proposals
+    source: str | None
 
 
 @dataclasses.dataclass
@@ -317,22 +328,48 @@ class Segmenter:
             self._class_embeddings[key] = embed_vocabulary(self.backbone, vocab)
         return self._class_embeddings[key]
 
-    @torch.inference_mode()
-    def __call__(
+    def prepare(
         self, image: ImageInput, classes: ClassesInput, *, source: str | Path | None = None
-    ) -> SegmentationResult:
-        """Segment one image with the given classes (``"a, b|c"``, a list, or a Vocabulary)."""
+    ) -> PreparedImage:
+        """Everything of one image up to the backbone pass: pixels, vocabulary, text embeddings
+        and mask proposals. Raises :class:`RetclipError` on bad input."""
         pixels, path = as_image(image)
-        source_name = str(source) if source is not None else path
         vocab = as_vocabulary(classes)
-        text = self.class_embeddings(vocab)
+        source_name = str(source) if source is not None else path
         # class-prompted proposers get each class's first synonym: display names of built-in
         # vocabularies can be WordNet lists ("road, route") that read badly as prompts
         prompts = [entry.synonyms[0] for entry in vocab.classes]
-        proposals = self.proposer.propose(pixels, prompts, source=source_name)
-        features = segment_features(self.backbone, pixels, proposals.masks, mode=self.pooling)
-        s_clip = clip_scores(features, text, self.backbone.logit_scale)
-        s_ret = self.retriever.scores(features, vocab, text) if self.retriever else None
+        return PreparedImage(
+            pixels=pixels,
+            vocabulary=vocab,
+            text=self.class_embeddings(vocab),
+            proposals=self.proposer.propose(pixels, prompts, source=source_name),
+            source=source_name,
+        )
+
+    @torch.inference_mode()
+    def finish(self, prepared: Sequence[PreparedImage]) -> list[SegmentationResult]:
+        """Results of prepared images; images of one size share one backbone pass."""
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(prepared):
+            by_size.setdefault(item.pixels.shape, []).append(i)
+        results: list[SegmentationResult | None] = [None] * len(prepared)
+        for members in by_size.values():
+            pixels = torch.stack([image_to_tensor(prepared[i].pixels) for i in members])
+            dense = self.backbone.encode_images(pixels.to(self.device))  # [B, D', h, w]
+            for row, i in enumerate(members):
+                masks = prepared[i].proposals.masks
+                features = features_from_dense(
+                    self.backbone, dense[row : row + 1], masks, mode=self.pooling
+                )
+                results[i] = self._result(prepared[i], features)
+        return [r for r in results if r is not None]
+
+    def _result(self, item: PreparedImage, features: torch.Tensor) -> SegmentationResult:
+        """Path scores of ``[N, D]`` segment features, and the merged result."""
+        vocab, proposals = item.vocabulary, item.proposals
+        s_clip = clip_scores(features, item.text, self.backbone.logit_scale)
+        s_ret = self.retriever.scores(features, vocab, item.text) if self.retriever else None
         kept = torch.ones(len(vocab), dtype=torch.bool)
         if proposals.kept_classes is not None:
             kept = torch.zeros(len(vocab), dtype=torch.bool)
@@ -347,13 +384,18 @@ class Segmenter:
             seen=seen,
             kept=kept,
         )
-        prediction = merge(scores, proposals, vocab, self.settings)
         return SegmentationResult(
-            image=pixels,
+            image=item.pixels,
             vocabulary=vocab,
             proposals=proposals,
             scores=scores,
             settings=self.settings,
-            prediction=prediction,
-            source=source_name,
+            prediction=merge(scores, proposals, vocab, self.settings),
+            source=item.source,
         )
+
+    def __call__(
+        self, image: ImageInput, classes: ClassesInput, *, source: str | Path | None = None
+    ) -> SegmentationResult:
+        """Segment one image with the given classes (``"a, b|c"``, a list, or a Vocabulary)."""
+        return self.finish([self.prepare(image, classes, source=source)])[0]

@@ -37,7 +37,6 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -54,11 +53,10 @@ from retclip.errors import DatabaseError, DatabaseMismatchError, InputError, Ret
 from retclip.images import image_to_tensor, load_image
 from retclip.outputs import encode_rle, id2rgb, palette, render_overlay
 from retclip.panoptic import Segment
-from retclip.proposers.base import MaskProposer, Proposals
+from retclip.pooling import features_from_dense
+from retclip.proposers.base import MaskProposer
 from retclip.proposers.registry import load_proposer
-from retclip.scores.clip import clip_scores
-from retclip.segmenter import MaskScores, SegmentationResult, Segmenter, Settings, merge
-from retclip.text_embeddings import ClassEmbeddings
+from retclip.segmenter import PreparedImage, SegmentationResult, Segmenter, Settings
 from retclip.vocabulary import BUILTIN_VOCABULARIES, Vocabulary
 
 __all__ = ["ServerConfig", "ServerError", "create_app"]
@@ -229,26 +227,17 @@ class Engine:
     ) -> list[SegmentationResult | RetclipError]:
         """Segment ``jobs`` as :meth:`Segmenter.__call__` does, one backbone pass per image size."""
         results: list[SegmentationResult | RetclipError | None] = [None] * len(jobs)
-        staged: dict[tuple[int, int], list[tuple[int, ClassEmbeddings, Proposals]]] = {}
+        prepared: list[PreparedImage] = []
+        positions: list[int] = []
         for i, job in enumerate(jobs):
             try:
-                text = segmenter.class_embeddings(job.vocab)
-                proposals = segmenter.proposer.propose(
-                    job.image, job.vocab.names, source=job.source
-                )
+                prepared.append(segmenter.prepare(job.image, job.vocab, source=job.source))
+                positions.append(i)
             except RetclipError as error:
                 results[i] = error
-                continue
-            shape = (int(job.image.shape[0]), int(job.image.shape[1]))
-            staged.setdefault(shape, []).append((i, text, proposals))
-        backbone = segmenter.backbone
-        for group in staged.values():
-            pixels = torch.stack([image_to_tensor(jobs[i].image) for i, _, _ in group])
-            dense = backbone.encode_images(pixels.to(backbone.device))
-            self.count("backbone_passes")
-            for row, (i, text, proposals) in enumerate(group):
-                features = _pool(backbone, dense[row : row + 1], proposals.masks, segmenter.pooling)
-                results[i] = _score(segmenter, jobs[i], text, proposals, features)
+        for i, result in zip(positions, segmenter.finish(prepared), strict=True):
+            results[i] = result.rescore(**dataclasses.asdict(jobs[i].settings))
+        self.count("backbone_passes", len({item.pixels.shape for item in prepared}))
         self.count("segmented_images", len(jobs))
         return [r for r in results if r is not None]
 
@@ -259,50 +248,9 @@ class Engine:
         for image, masks in zip(job.images, job.masks, strict=True):
             dense = backbone.encode_images(image_to_tensor(image)[None].to(backbone.device))
             self.count("backbone_passes")
-            rows.append(_pool(backbone, dense, masks, job.pooling).cpu().numpy())
+            rows.append(features_from_dense(backbone, dense, masks, mode=job.pooling).cpu().numpy())
         self.count("example_images", len(job.images))
         return np.concatenate(rows) if rows else np.zeros((0, backbone.dim), np.float32)
-
-
-def _pool(backbone: Backbone, dense: torch.Tensor, masks: np.ndarray, mode: Any) -> torch.Tensor:
-    """``[N, D]`` unit features of ``masks`` from one dense map (as ``segment_features`` does)."""
-    mask_tensor = torch.from_numpy(masks).to(backbone.device).unsqueeze(0)
-    embedded = backbone.embed_segments(dense, mask_tensor, mode=mode)[0]
-    empty = ~mask_tensor[0].flatten(1).any(1, keepdim=True)
-    return F.normalize(embedded.float(), dim=-1).masked_fill(empty, 0.0)
-
-
-def _score(
-    segmenter: Segmenter,
-    job: SegmentJob,
-    text: ClassEmbeddings,
-    proposals: Proposals,
-    features: torch.Tensor,
-) -> SegmentationResult:
-    """The per-mask path scores and merged result of one image (as ``Segmenter.__call__``)."""
-    vocab = job.vocab
-    s_clip = clip_scores(features, text, segmenter.backbone.logit_scale)
-    s_ret = segmenter.retriever.scores(features, vocab, text) if segmenter.retriever else None
-    kept = torch.ones(len(vocab), dtype=torch.bool)
-    if proposals.kept_classes is not None:
-        kept = torch.zeros(len(vocab), dtype=torch.bool)
-        kept[torch.as_tensor(proposals.kept_classes, dtype=torch.long)] = True
-    scores = MaskScores(
-        s_clip=s_clip.cpu(),
-        s_ret=None if s_ret is None else s_ret.cpu(),
-        s_iv=None if proposals.s_iv is None else torch.from_numpy(proposals.s_iv).float(),
-        seen=None,
-        kept=kept,
-    )
-    return SegmentationResult(
-        image=job.image,
-        vocabulary=vocab,
-        proposals=proposals,
-        scores=scores,
-        settings=job.settings,
-        prediction=merge(scores, proposals, vocab, job.settings),
-        source=job.source,
-    )
 
 
 # -- the queue ---------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class ColourProposer(MaskProposer):
     """A class-prompted proposer for tests: a label's mask is the pixels nearest its colour."""
 
     name = "test-colour"
+    gives_class_hints = True
 
     def propose(self, image, classes=None, *, source=None) -> Proposals:
         names = list(COLOUR_PROTOTYPES)

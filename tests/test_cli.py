@@ -246,4 +246,16 @@ def test_db_build_source_errors(scenes, tmp_path) -> None:
     captions.write_text('{"image": "x.png", "caption": "an apple"}\n')
     assert_error(run(*base, "--captions", captions, "--proposer", "gt"), "--vocab")
     assert_error(run(*base, "--labels", captions), "--proposer")
-    assert_error(run(*base, "--coco-panoptic", json_path, "--proposer", "regions"), "ground-truth")
+    assert_error(run(*base, "--coco-panoptic", json_path, "--proposer", "regions"), "regions")
+
+
+def test_a_dataset_used_only_for_its_image_tags(scenes) -> None:
+    from retclip.database.build import items_from_dataset
+    from retclip.datasets import CocoPanopticDataset
+
+    dataset = CocoPanopticDataset(*scenes["db"])
+    items = items_from_dataset(dataset, image_labels=True)
+    names = dataset.vocabulary.names
+    for i, item in enumerate(items):
+        present = {names[c] for c in dataset.annotation(i).categories}
+        assert set(item.labels) == present and list(item.labels) == sorted(present, key=names.index)

@@ -14,7 +14,7 @@ from tiny_detectors import save_grounding_dino, save_sam
 from tiny_models import save_tiny_clip
 
 
-def test_db_build_and_segment_with_clip_and_grounded_sam(tmp_path) -> None:
+def test_db_build_and_segment_with_clip_and_grounded_sam(scenes, tmp_path) -> None:
     clip = save_tiny_clip(tmp_path / "clip")
     models = [
         "--backbone", str(clip), "--proposer", "grounded-sam",
@@ -39,6 +39,25 @@ def test_db_build_and_segment_with_clip_and_grounded_sam(tmp_path) -> None:
     info = json.loads(runner.invoke(cli, ["db", "info", str(tmp_path / "db"), "--json"]).output)
     assert info["rows"] > 0 and set(info["rows_per_class"]) <= {"cat", "dog", "tree"}
     assert info["fingerprint"]["model_id"] == str(clip)
+
+    # a COCO-panoptic dataset used only for its image-level tags: rows carry each image's tags
+    json_path, scene_images = scenes["db"]
+    tags = runner.invoke(
+        cli,
+        ["db", "build", str(tmp_path / "tags_db"), "--coco-panoptic", str(json_path),
+         "--images", str(scene_images), "--limit", "2", *models],
+    )  # fmt: skip
+    assert tags.exit_code == 0, tags.output
+    from retclip.database import FeatureDatabase
+    from retclip.datasets import CocoPanopticDataset
+
+    dataset = CocoPanopticDataset(json_path, scene_images)
+    expected = {str(dataset.image_path(i)): set(dataset.image_labels(i)) for i in range(2)}
+    db = FeatureDatabase.open(tmp_path / "tags_db")
+    sources = db.provenance()["sources"]
+    labels = [db.labels[i].name for i in db.label_ids()]
+    assert len(labels) > 0
+    assert all(label in expected[source] for source, label in zip(sources, labels, strict=True))
 
     segment = runner.invoke(
         cli,

@@ -125,16 +125,17 @@ def _build_items(options: dict[str, Any]) -> tuple[list[Any], str, Any]:
     if images_dir is None:
         raise InputError("give the images folder with --images")
     if sources["coco_panoptic"] is not None:
-        if options["proposer"] not in (None, "gt"):
-            raise InputError("--coco-panoptic builds from ground-truth masks: omit --proposer")
-        options["proposer"] = "gt"
-        options["gt_json"] = sources["coco_panoptic"]
         from retclip.database.build import items_from_dataset
         from retclip.datasets import CocoPanopticDataset
 
         dataset = CocoPanopticDataset(sources["coco_panoptic"], images_dir, options["gt_masks"])
         origin = f"coco-panoptic:{sources['coco_panoptic'].resolve()}"
-        return items_from_dataset(dataset), origin, None
+        if options["proposer"] in (None, "gt"):  # ground-truth masks: the upper-bound database
+            options["proposer"] = "gt"
+            options["gt_json"] = sources["coco_panoptic"]
+            return items_from_dataset(dataset), origin, None
+        # any other proposer: the dataset is only images with image-level tags (paper §2.1)
+        return items_from_dataset(dataset, image_labels=True), f"{origin}:tags", None
     if options["proposer"] is None:
         raise InputError("building from image-level labels needs a class-prompted --proposer")
     if sources["labels"] is not None:
@@ -155,7 +156,8 @@ build_options = [
     click.option(
         "--coco-panoptic",
         type=click.Path(path_type=Path),
-        help="Build from a COCO-panoptic dataset's ground-truth masks (the upper bound).",
+        help="A COCO-panoptic dataset: its ground-truth masks (no --proposer, the upper bound), "
+        "or with --proposer only its image-level tags.",
     ),
     click.option(
         "--labels",

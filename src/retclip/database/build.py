@@ -52,10 +52,22 @@ class BuildReport:
     dropped_masks: int = 0
 
 
-def items_from_dataset(dataset: CocoPanopticDataset) -> list[BuildItem]:
-    """Every image of a panoptic dataset, prompted with all its categories (for ``gt`` masks)."""
+def items_from_dataset(
+    dataset: CocoPanopticDataset, *, image_labels: bool = False
+) -> list[BuildItem]:
+    """Every image of a panoptic dataset.
+
+    By default each is prompted with all the dataset's categories (for ``gt`` masks, whose class
+    hints index them). With ``image_labels``, only the categories present in the image: the
+    dataset then serves as images with image-level tags, for a class-prompted proposer.
+    """
     names = tuple(dataset.vocabulary.names)
-    return [BuildItem(str(dataset.image_path(i)), names) for i in range(len(dataset))]
+    return [
+        BuildItem(
+            str(dataset.image_path(i)), tuple(dataset.image_labels(i)) if image_labels else names
+        )
+        for i in range(len(dataset))
+    ]
 
 
 def items_from_labels_file(path: str | Path, images_dir: str | Path) -> list[BuildItem]:
@@ -138,6 +150,11 @@ def build_database(
     number of batches committed so far (progress reporting).
     """
     db.check_compatible(backbone.fingerprint, backbone.dim)
+    if not proposer.gives_class_hints:
+        raise InputError(
+            f"proposer {proposer.name!r} gives no class per mask, so its masks cannot label "
+            "database rows: use a class-prompted proposer (grounded-sam, owl-sam) or gt"
+        )
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     done = db.completed_sources(build_id)

@@ -110,6 +110,16 @@ class CocoPanopticDataset:
             raise InputError(f"no ground-truth annotation for image {source} in {self.json_path}")
         return self._by_stem[stem]
 
+    def image_labels(self, index: int, *, include_crowd: bool = False) -> list[str]:
+        """Names of the categories present in image ``index`` (from the JSON; no PNG is read),
+        in dataset order: the image-level tags of an annotated image."""
+        present = {
+            self._category_index.get(s["category_id"], -1)
+            for s in self._annotations[index][1]["segments_info"]
+            if include_crowd or not s.get("iscrowd", 0)
+        }
+        return [name for i, name in enumerate(self.vocabulary.names) if i in present]
+
     def annotation(self, index: int) -> PanopticAnnotation:
         """The ground-truth segments of image ``index``, read from its PNG."""
         _, ann = self._annotations[index]

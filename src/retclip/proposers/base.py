@@ -94,6 +94,8 @@ class MaskProposer(abc.ABC):
 
     #: Short name used on the command line (``--proposer NAME``).
     name: str = ""
+    #: Whether :meth:`propose` gives a class hint per mask (it can then label database rows).
+    gives_class_hints: bool = False
 
     @abc.abstractmethod
     def propose(

@@ -22,6 +22,7 @@ class GroundTruthProposer(MaskProposer):
     """
 
     name = "gt"
+    gives_class_hints = True
 
     def __init__(self, dataset: CocoPanopticDataset, *, include_crowd: bool = False) -> None:
         self.dataset = dataset

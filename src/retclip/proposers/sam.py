@@ -266,6 +266,8 @@ class DetectorSamProposer(MaskProposer):
     ``mask_nms_iou``, higher detection score kept). A mask's score is its box's detection score.
     """
 
+    gives_class_hints = True
+
     def __init__(
         self,
         detector: Detector,

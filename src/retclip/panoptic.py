@@ -307,9 +307,11 @@ def instance_inference(
     labels = flat_index % c
     thing = torch.from_numpy(flags).to(labels.device)[labels]
     flat_scores, proposals, labels = flat_scores[thing], proposals[thing], labels[thing]
-    binary = (mask_probs[proposals] > 0.5).reshape(proposals.numel(), -1).to(mask_probs.dtype)
-    probs = mask_probs[proposals].reshape(proposals.numel(), -1)
-    mask_scores = (probs * binary).sum(1) / (binary.sum(1) + 1e-6)
+    # the mask score depends on the proposal only: computed once per proposal ([N, H·W] work),
+    # not once per selected (proposal, class) pair, which copied up to k full masks
+    probs = mask_probs.reshape(n, -1)
+    binary = (probs > 0.5).to(mask_probs.dtype)
+    mask_scores = ((probs * binary).sum(1) / (binary.sum(1) + 1e-6))[proposals]
     final = (flat_scores * mask_scores).double().cpu().numpy()
     proposals_np = proposals.cpu().numpy()
     labels_np = labels.cpu().numpy()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
+from retclip.database import index as index_module
 from retclip.database.index import (
     IndexSpec,
     build_index,
@@ -194,3 +196,36 @@ def test_save_and_load(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> N
     (tmp_path / "bad.faiss").write_bytes(b"not an index" * 10)
     with pytest.raises(DatabaseError, match=r"bad\.faiss is corrupt"):
         load_index(tmp_path / "bad.faiss")
+
+
+def test_auto_spec_parses_and_round_trips() -> None:
+    spec = IndexSpec.parse("auto")
+    assert spec == IndexSpec("auto") and str(spec) == "auto"
+    assert IndexSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(InputError, match="unknown parameter"):
+        IndexSpec.parse("auto:nprobe=4")
+
+
+def test_auto_resolves_by_size() -> None:
+    assert IndexSpec("auto").resolve(index_module.AUTO_EXACT_MAX_ROWS) == IndexSpec("flat")
+    large = IndexSpec("auto").resolve(1_000_000)
+    assert large == IndexSpec("ivf-flat", nlist=1000, nprobe=index_module.AUTO_NPROBE)
+    concrete = IndexSpec("hnsw", ef_search=7)
+    assert concrete.resolve(10**7) is concrete
+
+
+def test_auto_builds_exact_small_and_ivf_large(
+    monkeypatch: pytest.MonkeyPatch, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, q = data
+    small = build_index(x, IndexSpec("auto"))
+    assert isinstance(small, faiss.IndexFlatIP)
+    assert_exact_topk(x, q, search_index(small, IndexSpec("auto"), q, 5))
+    monkeypatch.setattr(index_module, "AUTO_EXACT_MAX_ROWS", len(x) - 1)
+    large = build_index(x, IndexSpec("auto"))
+    ivf = faiss.extract_index_ivf(large)
+    assert ivf.nlist == round(len(x) ** 0.5)
+    _, ids = search_index(large, IndexSpec("auto"), q, 10)
+    _, ref = exact_topk(x, q, 10)
+    recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids, ref, strict=True)])
+    assert recall >= 0.9

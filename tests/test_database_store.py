@@ -92,7 +92,7 @@ def test_round_trip(tmp_path: Path) -> None:
         assert key in info
     assert info["format_version"] == 1 and info["shards"] == 2 and info["path"] == str(db.path)
     assert info["fingerprint"] == FP.to_dict() and info["build_ids"] == ["run1", "run2"]
-    assert info["metric"] == "inner_product" and info["index"]["type"] == "flat"
+    assert info["metric"] == "inner_product" and info["index"]["type"] == "auto"
     meta = json.loads((tmp_path / "db" / "meta.json").read_text())
     assert meta["rows"] == 10 and [s["file"] for s in meta["shards"]] == [
         "000001.npz",
@@ -396,3 +396,17 @@ def test_crash_during_commit_keeps_previous_state(tmp_path: Path, target: str) -
     final = FeatureDatabase.open(tmp_path / "db")
     assert len(final) == 13 and final.rows_per_class()["ghost"] == 2
     assert not [p for p in (tmp_path / "db").rglob("*") if ".tmp-" in p.name]
+
+
+def test_auto_index_is_exact_for_small_databases_and_writes_no_index_file(tmp_path) -> None:
+    from retclip.database import IndexSpec
+
+    db = FeatureDatabase.create(
+        tmp_path / "db", fingerprint=BackboneFingerprint("m"), dim=8, index=IndexSpec.parse("auto")
+    )
+    rng = np.random.default_rng(0)
+    db.add(rng.standard_normal((50, 8)).astype(np.float32), ["a"] * 50, sources=["s"] * 50)
+    sims, rows = db.search(rng.standard_normal((2, 8)).astype(np.float32), 5)
+    assert (rows >= 0).all() and np.all(np.diff(sims, axis=1) <= 1e-6)
+    assert not (tmp_path / "db" / "index.faiss").exists()  # flat: rebuilt from the features
+    assert FeatureDatabase.open(tmp_path / "db").info()["index"]["type"] == "auto"

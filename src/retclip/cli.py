@@ -233,7 +233,10 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     help="How features are stored.",
 )
 @click.option(
-    "--index", default="flat", show_default=True, help="flat, ivf-flat, ivf-pq or hnsw[:k=v,...]."
+    "--index",
+    default="auto",
+    show_default=True,
+    help="auto (exact up to 200k rows, then IVF-Flat), flat, ivf-flat, ivf-pq or hnsw[:k=v,...].",
 )
 def db_build(path: Path, **options: Any) -> None:
     """Build (or resume building) the database at PATH.
@@ -309,9 +312,10 @@ def db_info(path: Path, as_json: bool) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.argument("spec")
 def db_index(path: Path, spec: str) -> None:
-    """Set and rebuild the search index: SPEC is flat, ivf-flat, ivf-pq or hnsw[:key=value,...].
+    """Set and rebuild the search index: SPEC is auto, flat, ivf-flat, ivf-pq or hnsw[:k=v,...].
 
-    Examples: ``flat`` (exact, default), ``ivf-flat:nlist=1024,nprobe=32``,
+    Examples: ``auto`` (default: exact up to 200k rows, IVF-Flat above), ``flat`` (exact),
+    ``ivf-flat:nlist=1024,nprobe=32``,
     ``ivf-pq:nlist=1024,pq_m=48``, ``hnsw:hnsw_m=32,ef_search=128``.
     """
     from retclip.database import FeatureDatabase, IndexSpec

@@ -422,7 +422,7 @@ class FeatureDatabase:
             "rows": 0,
             "rows_per_class": {},
             "labels": [],
-            "index": (index or IndexSpec()).to_dict(),
+            "index": (index or IndexSpec("auto")).to_dict(),
             "index_file": None,
             "shards": [],
             "generation": 0,
@@ -855,7 +855,8 @@ class FeatureDatabase:
     def _record_spec(self, spec: IndexSpec) -> dict[str, Any]:
         with self._writing() as meta:
             meta["index"] = spec.to_dict()
-            drop_file = spec.type == "flat" and meta.get("index_file") is not None
+            exact = spec.resolve(int(meta["rows"])).type == "flat"
+            drop_file = exact and meta.get("index_file") is not None
             if drop_file:
                 meta["index_file"] = None
             _write_meta(self._path, meta)
@@ -921,8 +922,12 @@ class FeatureDatabase:
             warnings.warn(f"could not save index to {self._path}: {error}", stacklevel=3)
 
     def _ensure_index(self) -> faiss.Index:
-        """The index for the current rows and spec: cached, loaded, or built (and persisted)."""
-        spec = self.index_spec
+        """The index for the current rows and spec: cached, loaded, or built (and persisted).
+
+        An ``auto`` spec is resolved for the current row count first, so a database that grows
+        past the exact-search limit switches to an approximate index at its next search.
+        """
+        spec = self.index_spec.resolve(self.num_rows)
         key = (self.generation, json.dumps(spec.build_params(), sort_keys=True))
         if self._index is not None and self._index_key == key:
             return self._index

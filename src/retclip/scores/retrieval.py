@@ -181,7 +181,7 @@ class Retriever:
         for label in db.labels:
             key = normalize_name(label.name)
             # Keep one entry per normalised name so the label table forms a valid vocabulary;
-            # a repeated name gets a unique placeholder whose match is by synonym only.
+            # a repeated name gets a unique stand-in name, matched by synonym only.
             name = label.name if key not in seen else f"{label.name} #{len(classes)}"
             seen.add(key)
             classes.append(VocabClass(name=name, synonyms=(name,)))

@@ -35,7 +35,7 @@ class ColourProposer(MaskProposer):
     name = "test-colour"
     gives_class_hints = True
 
-    def propose(self, image, classes=None, *, source=None) -> Proposals:
+    def propose(self, image, classes=None, *, source=None, vocabulary=None) -> Proposals:
         names = list(COLOUR_PROTOTYPES)
         prototypes = np.array(list(COLOUR_PROTOTYPES.values()), dtype=float)
         nearest = ((image[:, :, None, :] - prototypes) ** 2).sum(-1).argmin(-1)  # [H, W]
@@ -124,7 +124,9 @@ def test_proposer_without_class_hints_cannot_label_rows(scenes, tmp_path) -> Non
     class Agnostic(MaskProposer):
         name = "agnostic"
 
-        def propose(self, image, classes: Sequence[str] | None = None, *, source=None):
+        def propose(
+            self, image, classes: Sequence[str] | None = None, *, source=None, vocabulary=None
+        ):
             return Proposals(np.ones((1, *image.shape[:2]), bool), np.ones(1))
 
     dataset = CocoPanopticDataset(*scenes["db"])

@@ -165,3 +165,17 @@ def test_images_of_one_size_share_one_backbone_pass(scenes, scene_db, monkeypatc
         torch.testing.assert_close(a.scores.s_clip, b.scores.s_clip)
         torch.testing.assert_close(a.scores.s_ret, b.scores.s_ret)
         np.testing.assert_array_equal(a.panoptic, b.panoptic)
+
+
+def test_proposers_get_first_synonyms_and_the_full_vocabulary(scenes) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    seen = {}
+
+    class Recording(GroundTruthProposer):
+        def propose(self, image, classes=None, *, source=None, vocabulary=None):
+            seen.update(classes=list(classes), vocabulary=vocabulary)
+            return super().propose(image, classes, source=source, vocabulary=vocabulary)
+
+    Segmenter("color", Recording(val))(val.image_path(0), "apple|red apple, banana, sky, grass")
+    assert seen["classes"] == ["apple", "banana", "sky", "grass"]
+    assert seen["vocabulary"].classes[0].synonyms == ("apple", "red apple")

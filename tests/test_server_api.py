@@ -290,7 +290,12 @@ class _GatedProposer(MaskProposer):
         self.fail = fail
 
     def propose(
-        self, image: np.ndarray, classes: Sequence[str] | None = None, *, source: object = None
+        self,
+        image: np.ndarray,
+        classes: Sequence[str] | None = None,
+        *,
+        source: object = None,
+        vocabulary: object = None,
     ) -> Proposals:
         if self.fail:
             raise RuntimeError("secret internal detail /home/user/model.bin")

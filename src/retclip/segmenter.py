@@ -343,7 +343,7 @@ class Segmenter:
             pixels=pixels,
             vocabulary=vocab,
             text=self.class_embeddings(vocab),
-            proposals=self.proposer.propose(pixels, prompts, source=source_name),
+            proposals=self.proposer.propose(pixels, prompts, source=source_name, vocabulary=vocab),
             source=source_name,
         )
 

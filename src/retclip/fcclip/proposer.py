@@ -137,11 +137,14 @@ class FcclipProposer(MaskProposer):
         classes: Sequence[str] | None = None,
         *,
         source: str | Path | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> Proposals:
-        """FC-CLIP's kept masks of ``image`` ``[H, W, 3]`` uint8 for ``classes``."""
+        """FC-CLIP's kept masks of ``image`` ``[H, W, 3]`` uint8 for ``classes`` (or, when
+        given, ``vocabulary`` with all its synonyms)."""
         if not classes:
             raise InputError("proposer 'fcclip' classifies its queries: it needs the class names")
-        vocab = self.vocabulary_of(classes)
+        # the full vocabulary keeps every synonym (the class score is the max over them)
+        vocab = vocabulary if vocabulary is not None else self.vocabulary_of(classes)
         text = embed_vocabulary(self.backbone, vocab).to(self.backbone.device)
         h, w = image.shape[:2]
         size = resize_size(h, w, self.short_side, self.max_size)

@@ -12,8 +12,12 @@ import abc
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from retclip.vocabulary import Vocabulary
 
 
 @dataclasses.dataclass
@@ -104,6 +108,7 @@ class MaskProposer(abc.ABC):
         classes: Sequence[str] | None = None,
         *,
         source: str | Path | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> Proposals:
         """Masks for one image.
 
@@ -113,4 +118,7 @@ class MaskProposer(abc.ABC):
                 class-prompted proposer uses them and may prune them.
             source: where the image came from (a path); proposers that look masks up by image
                 (ground truth) need it.
+            vocabulary: the full vocabulary ``classes`` come from (synonyms, thing flags), for
+                proposers that classify with text embeddings (FC-CLIP's in-vocabulary path,
+                whose class score is the max over synonyms); ``classes`` are the first synonyms.
         """

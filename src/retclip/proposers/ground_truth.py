@@ -11,7 +11,7 @@ import numpy as np
 from retclip.datasets.coco_panoptic import CocoPanopticDataset
 from retclip.errors import InputError
 from retclip.proposers.base import MaskProposer, Proposals
-from retclip.vocabulary import normalize_name
+from retclip.vocabulary import Vocabulary, normalize_name
 
 
 class GroundTruthProposer(MaskProposer):
@@ -34,6 +34,7 @@ class GroundTruthProposer(MaskProposer):
         classes: Sequence[str] | None = None,
         *,
         source: str | Path | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> Proposals:
         if source is None:
             raise InputError("the ground-truth proposer needs the image's file name")

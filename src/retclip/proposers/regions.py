@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retclip.errors import InputError
 from retclip.proposers.base import MaskProposer, Proposals
+
+if TYPE_CHECKING:
+    from retclip.vocabulary import Vocabulary
 
 
 class RegionsProposer(MaskProposer):
@@ -56,6 +60,7 @@ class RegionsProposer(MaskProposer):
         classes: Sequence[str] | None = None,
         *,
         source: str | Path | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> Proposals:
         from skimage import graph
         from skimage.filters import gaussian, sobel

@@ -18,7 +18,7 @@ import abc
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from retclip.proposers.mask_ops import mask_nms
 
 #: The paper's SAM (ViT-B).
 DEFAULT_SAM = "sam-vit-base"
+
+
+if TYPE_CHECKING:
+    from retclip.vocabulary import Vocabulary
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -289,6 +293,7 @@ class DetectorSamProposer(MaskProposer):
         classes: Sequence[str] | None = None,
         *,
         source: str | Path | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> Proposals:
         if not classes:
             raise InputError(f"proposer {self.name!r} is prompted by class names: give classes")

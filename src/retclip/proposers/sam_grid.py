@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from retclip.errors import InputError
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.proposers.mask_ops import mask_nms, stability_score
 from retclip.proposers.sam import DEFAULT_SAM, SamSegmenter
+
+if TYPE_CHECKING:
+    from retclip.vocabulary import Vocabulary
 
 
 def point_grid(points_per_side: int, height: int, width: int) -> torch.Tensor:
@@ -75,6 +79,7 @@ class SamGridProposer(MaskProposer):
         classes: Sequence[str] | None = None,
         *,
         source: str | Path | None = None,
+        vocabulary: Vocabulary | None = None,
     ) -> Proposals:
         height, width = image.shape[:2]
         sam_image = self.sam.embed(image)

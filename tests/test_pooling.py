@@ -109,3 +109,13 @@ def test_segment_features_apply_the_backbone_head_after_pooling() -> None:
     head_before = torch.nn.functional.normalize(head_before.mean(1), dim=0)
     assert not torch.allclose(features[0], head_before, atol=1e-2)
     assert torch.all(features[1] == 0)  # an empty mask stays zero through the head
+
+
+def test_masks_are_resized_in_chunks_with_the_same_result(monkeypatch) -> None:
+    import retclip.pooling as pooling
+
+    masks = torch.from_numpy(np.random.default_rng(1).random((2, 7, 20, 24)) > 0.5)
+    whole = pooling.area_resize(masks, (5, 6))
+    monkeypatch.setattr(pooling, "MASK_CHUNK", 3)  # 14 masks in chunks of 3
+    torch.testing.assert_close(pooling.masks_to_grid(masks, (5, 6)), whole)
+    assert pooling.masks_to_grid(masks[:, :0], (5, 6)).shape == (2, 0, 5, 6)

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from retclip.backbones.base import Backbone
 
 PoolingMode = Literal["soft", "binary"]
+#: Masks resized to the feature grid per step (bounds the float copy of bool masks).
+MASK_CHUNK = 32
 
 
 def area_weights(size_in: int, size_out: int, device: torch.device | None = None) -> torch.Tensor:
@@ -58,8 +60,15 @@ def masks_to_grid(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tens
 
     Returns:
         ``[B, N, h, w]`` float: the covered fraction of each cell's area.
+
+    Masks are converted to float a chunk at a time, so memory stays near ``chunk × H × W``
+    floats rather than ``B × N × H × W`` (hundreds of full-size masks would need gigabytes).
     """
-    return area_resize(masks, grid_size)
+    flat = masks.flatten(0, 1)  # [B·N, H, W]
+    chunk = MASK_CHUNK
+    parts = [area_resize(flat[i : i + chunk], grid_size) for i in range(0, flat.shape[0], chunk)]
+    grid = torch.cat(parts) if parts else flat.new_zeros((0, *grid_size), dtype=torch.float32)
+    return grid.reshape(*masks.shape[:2], *grid_size)
 
 
 def mask_pool(

@@ -93,7 +93,14 @@ def test_out_of_vocabulary_path_matches_through_the_ensemble(run) -> None:
     # the ensemble uses the out-of-vocabulary logits; a wrong path changes the semantic map
     seen = torch.from_numpy(data["seen"])
     swapped = model.class_probs(
-        type(out)(out.mask_logits, out.in_vocab_logits, out.in_vocab_logits, out.valid), seen
+        type(out)(
+            out.mask_logits,
+            out.in_vocab_logits,
+            out.in_vocab_logits,
+            out.valid,
+            out.clip_embeddings,
+        ),
+        seen,
     )
     assert not torch.allclose(swapped, model.class_probs(out, seen), atol=1e-4)
     assert F.normalize(out.out_vocab_logits, dim=-1).isfinite().all()

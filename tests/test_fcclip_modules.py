@@ -402,34 +402,67 @@ def test_strict_loading_reports_every_problem(tiny_dirs) -> None:
     assert load_fcclip_weights(model, other, backbone="load").ok
 
 
-def test_proposer_feeds_s_iv_into_the_segmenter(tiny_dirs, tmp_path) -> None:
-    backbone = OpenClipBackbone(str(tiny_dirs["convnext"]), resolution=64)
+def tiny_fcclip_proposer(tiny_dirs, tmp_path) -> tuple[OpenClipBackbone, FcclipProposer]:
+    """A tiny FC-CLIP on a backbone with FC-CLIP's recipe (short side 64, long side <= 96)."""
+    backbone = OpenClipBackbone(
+        str(tiny_dirs["convnext"]), resolution=64, max_size=96, preprocessing="fcclip"
+    )
     model = tiny_model(tiny_dirs["convnext"], (8, 16, 24, 32), seed=8)
     model.clip_model.load_state_dict(backbone.model.state_dict())
     path = tmp_path / "fcclip.pth"
     torch.save({"model": original_checkpoint(model)}, path)
-    proposer = FcclipProposer(
-        path,
-        backbone=backbone,
-        config=model.config,
-        object_mask_threshold=-1.0,
-        short_side=64,
-        max_size=96,
-        device="cpu",
-    )
+    return backbone, FcclipProposer(path, backbone=backbone, config=model.config, device="cpu")
+
+
+def test_proposer_feeds_every_query_into_the_segmenter(tiny_dirs, tmp_path) -> None:
+    backbone, proposer = tiny_fcclip_proposer(tiny_dirs, tmp_path)
     assert "fcclip" in PROPOSERS
     image = np.random.default_rng(0).integers(0, 255, (48, 60, 3), dtype=np.uint8)
     proposals = proposer.propose(image, ["person", "wall", "spaceship"])
+    assert len(proposals) == proposer.model.config.num_queries  # no query dropped here
     assert proposals.masks.shape[1:] == (48, 60) and proposals.s_iv is not None
+    assert proposals.mask_probs is not None and proposals.p_void is not None
+    np.testing.assert_array_equal(proposals.masks, proposals.mask_probs >= 0.5)
     assert proposals.s_iv.shape == (len(proposals), 3)
     np.testing.assert_allclose(proposals.s_iv.sum(1), 1.0, rtol=1e-5)
-    assert ((proposals.scores > 0) & (proposals.scores <= 1)).all()
-    with pytest.raises(InputError, match="class names"):
+    np.testing.assert_allclose(proposals.scores, 1 - proposals.p_void, rtol=1e-6)
+    assert proposals.features is not None
+    np.testing.assert_allclose(np.linalg.norm(proposals.features, axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(InputError, match="classes"):
         proposer.propose(image, [])
     segmenter = Segmenter(backbone, proposer, train_vocab="coco-panoptic-133", device="cpu")
+    assert segmenter.pooling == "binary"
     result = segmenter(image, ["person", "wall", "spaceship"])
-    assert result.scores.s_iv is not None
+    assert result.scores.s_iv is not None and result.scores.p_void is not None
     assert result.scores.seen is not None and result.scores.seen.tolist() == [True, True, False]
+    assert result.class_probs().shape == (len(proposals), 4)  # void column last
+
+
+def test_one_backbone_pass_per_image_serves_every_path(tiny_dirs, tmp_path) -> None:
+    backbone, proposer = tiny_fcclip_proposer(tiny_dirs, tmp_path)
+    calls = []
+    hook = backbone.model.visual.trunk.stem.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        segmenter = Segmenter(backbone, proposer, train_vocab="coco-panoptic-133", device="cpu")
+        image = np.random.default_rng(1).integers(0, 255, (40, 52, 3), dtype=np.uint8)
+        segmenter(image, ["person", "wall"])
+        assert len(calls) == 1
+        prepared = [segmenter.prepare(image, ["person", "wall"]) for _ in range(2)]
+        segmenter.finish(prepared)
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+
+
+def test_proposer_needs_fcclips_recipe_on_the_shared_backbone(tiny_dirs, tmp_path) -> None:
+    backbone, proposer = tiny_fcclip_proposer(tiny_dirs, tmp_path)
+    grid = OpenClipBackbone(str(tiny_dirs["convnext"]), resolution=64)
+    with pytest.raises(InputError, match="recipe"):
+        FcclipProposer(tmp_path / "fcclip.pth", backbone=grid, config=proposer.model.config)
+    with pytest.raises(InputError, match="segmenter's"):
+        Segmenter(grid, proposer, device="cpu")
+    with pytest.raises(InputError, match="binary"):
+        Segmenter(backbone, proposer, pooling="soft", device="cpu")
 
 
 def test_proposer_completes_synonyms_and_requires_a_checkpoint(tiny_dirs) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retclip.errors import InputError
-from retclip.scores import clip_scores, ensemble, retrieval_scores
+from retclip.scores import clip_scores, ensemble, final_probs, retrieval_scores
 from retclip.text_embeddings import ClassEmbeddings
 
 
@@ -67,7 +67,7 @@ def test_ensemble_linear_seen_unseen() -> None:
     np.testing.assert_allclose(s.numpy(), [expected], rtol=1e-6)
 
 
-def test_ensemble_geometric() -> None:
+def test_ensemble_fcclip_is_renormalised_geometric() -> None:
     s = ensemble(
         torch.tensor([[0.25, 0.5]]),
         None,
@@ -75,9 +75,37 @@ def test_ensemble_geometric() -> None:
         seen=torch.tensor([True, False]),
         alpha=0.5,
         beta=1.0,
-        mode="geometric",
+        mode="fcclip",
     )
-    np.testing.assert_allclose(s.numpy(), [[0.25**0.5 * 0.64**0.5, 0.5]], rtol=1e-6)
+    raw = np.array([0.25**0.5 * 0.64**0.5, 0.5])  # 0.4, 0.5: rows of the plain product sum to 0.9
+    np.testing.assert_allclose(s.numpy(), [raw / raw.sum()], rtol=1e-6)
+    with pytest.raises(InputError, match="in-vocabulary"):
+        ensemble(torch.tensor([[0.5, 0.5]]), None, mode="fcclip")
+    with pytest.raises(InputError, match="'fcclip'"):
+        ensemble(torch.tensor([[0.5, 0.5]]), None, mode="geometric")  # type: ignore[arg-type]
+
+
+def test_final_probs_apply_the_void_factor() -> None:
+    s = torch.tensor([[0.6, 0.4], [0.1, 0.9]])
+    p_void = torch.tensor([0.5, 0.0])
+    linear = final_probs(s, p_void, mode="linear")
+    np.testing.assert_allclose(linear.numpy(), [[0.3, 0.2, 0.5], [0.1, 0.9, 0.0]], atol=1e-7)
+    fcclip = final_probs(s, p_void, mode="fcclip")  # FC-CLIP re-softmaxes log(p + 1e-8)
+    expected = np.array([[0.3, 0.2, 0.5], [0.1, 0.9, 0.0]]) + 1e-8
+    np.testing.assert_allclose(fcclip.numpy(), expected / expected.sum(1, keepdims=True), rtol=1e-6)
+    kept = torch.tensor([True, False])
+    np.testing.assert_allclose(final_probs(s, None, kept=kept).numpy(), [[0.6, 0.0], [0.1, 0.0]])
+
+
+def test_s_clip_softmax_runs_over_the_kept_classes_only() -> None:
+    embeddings = ClassEmbeddings(torch.eye(3), torch.tensor([0, 1, 2]), num_classes=3)
+    feature = torch.tensor([[0.6, 0.8, 0.0]])
+    kept = torch.tensor([True, False, True])
+    s_clip = clip_scores(feature, embeddings, logit_scale=10.0, kept=kept)
+    expected = np.exp([6.0, 0.0]) / np.exp([6.0, 0.0]).sum()
+    np.testing.assert_allclose(s_clip.numpy(), [[expected[0], 0.0, expected[1]]], rtol=1e-5)
+    none = clip_scores(feature, embeddings, 10.0, kept=torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(1, 3))
 
 
 def test_ensemble_training_free_and_edges() -> None:
@@ -138,6 +166,38 @@ def test_retriever_with_k_larger_than_the_database(tmp_path) -> None:
     # k = 50 > 3 rows: all three take part. Cosines .894 (apple), .447 (carrot), 0 (sea) give
     # distances .106, .553, 1: min-max normalised 0, .5, 1, so scores 1, .5, 0; unicorn has no row.
     np.testing.assert_allclose(s_ret.numpy(), [[1.0, 0.5, 0.0, 0.0]], atol=1e-3)
+
+
+def test_primary_and_fallback_share_one_min_max_range_and_pruning_leaves_it(tmp_path) -> None:
+    from retclip.backbones import ColorBackbone
+    from retclip.database import FeatureDatabase
+    from retclip.scores import Retriever
+    from retclip.text_embeddings import embed_vocabulary
+    from retclip.vocabulary import Vocabulary
+
+    backbone = ColorBackbone()
+    primary = FeatureDatabase.create(tmp_path / "p", fingerprint=backbone.fingerprint, dim=12)
+    primary.add(np.eye(12, dtype=np.float32)[[0, 1]], ["apple", "carrot"], sources=["a", "b"])
+    fallback = FeatureDatabase.create(tmp_path / "f", fingerprint=backbone.fingerprint, dim=12)
+    rows = np.eye(12, dtype=np.float32)[[5, 0]]  # its apple row is not used: primary has apple
+    fallback.add(rows, ["sea", "apple"], sources=["c", "d"])
+    vocab = Vocabulary.from_string("apple, carrot, sea, unicorn")
+    text = embed_vocabulary(backbone, vocab)
+    query = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.5, 0, 0, 0, 0.8, 0, 0, 0, 0, 0, 0]]), dim=-1
+    )
+    retriever = Retriever(backbone, primary, fallback, k=10)
+    # |q| = sqrt(1.89) = 1.3748: cosines apple .7274, carrot .3637, sea .5819; distances .2726,
+    # .6363, .4181 share one range [.2726, .6363]: normalised 0, 1, .4 → scores 1, 0, .6. (Sea
+    # normalised alone in its own database would score 1.)
+    np.testing.assert_allclose(
+        retriever.scores(query, vocab, text).numpy(), [[1.0, 0.0, 0.6, 0.0]], atol=1e-3
+    )
+    # carrot pruned before retrieval: its row leaves the range [.2726, .4181] → apple 1, sea 0
+    kept = np.array([True, False, True, True])
+    np.testing.assert_allclose(
+        retriever.scores(query, vocab, text, kept=kept).numpy(), [[1.0, 0.0, 0.0, 0.0]], atol=1e-3
+    )
 
 
 def test_named_labels_do_not_also_match_by_embedding() -> None:

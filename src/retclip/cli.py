@@ -23,6 +23,7 @@ from retclip.cli_options import (
     load_models,
     model_description,
     model_options,
+    resolve_recipe,
     retrieval_options,
     with_options,
 )
@@ -64,7 +65,7 @@ def segment(
     fallback_db: Path | None,
     train_vocab: str | None,
     k: int,
-    pooling: str,
+    pooling: str | None,
     out: Path,
     **options: Any,
 ) -> None:
@@ -86,6 +87,9 @@ def segment(
             raise InputError(f"image not found: {image}")
     check_output_dir(out)
     settings = {name: options.pop(name) for name in ENSEMBLE_FIELDS}
+    options["pooling"] = pooling
+    resolve_recipe(proposer, options)
+    pooling = options.pop("pooling")
     backbone, mask_proposer = load_models(proposer, options)
     if proposer == "fcclip" and train_vocab is None:
         train_vocab = "coco-panoptic-133"  # FC-CLIP's training vocabulary: its classes are seen
@@ -175,7 +179,11 @@ build_options = [
     *model_options(),
     click.option("--batch-size", default=8, show_default=True, help="Images per commit."),
     click.option("--limit", type=int, help="Use only the first N images."),
-    click.option("--pooling", type=click.Choice(["soft", "binary"]), default="soft"),
+    click.option(
+        "--pooling",
+        type=click.Choice(["soft", "binary"]),
+        help="Mask pooling of the rows [default: binary with --recipe fcclip, else soft].",
+    ),
 ]
 
 
@@ -184,6 +192,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     from retclip.database.build import build_database, build_id_for
 
     items, origin, synonyms = _build_items(options)
+    resolve_recipe(options.get("proposer"), options)
     limit, batch_size, pooling = (options.pop(k) for k in ("limit", "batch_size", "pooling"))
     if limit is not None:
         if limit < 1:
@@ -199,6 +208,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
             dtype=feature_dtype,
             index=IndexSpec.parse(index),
             exist_ok=True,
+            pooling=pooling,
         )
     else:
         database = FeatureDatabase.open(path)

@@ -64,7 +64,15 @@ def check_output_dir(out: Path) -> None:
 
 
 #: Backbone options: CLI name → ``load_backbone`` keyword (``None`` = the backbone's default).
-BACKBONE_OPTIONS = {"resolution": "resolution", "dense_mode": "dense_mode"}
+BACKBONE_OPTIONS = {
+    "resolution": "resolution",
+    "dense_mode": "dense_mode",
+    "recipe": "preprocessing",
+}
+#: ``--combine`` values (``retclip.scores.ensemble.COMBINE_MODES``, kept free of torch imports).
+COMBINE_MODES = ("linear", "fcclip")
+#: ``--recipe`` values → the OpenCLIP backbones' ``preprocessing``.
+RECIPES = {"retclip": "grid", "fcclip": "fcclip"}
 #: Proposer options: CLI name → ``load_proposer`` keyword (``None`` = the proposer's default).
 PROPOSER_OPTIONS = {
     "detector": "detector",
@@ -91,6 +99,12 @@ def model_options(*, backbone_required: bool = True) -> list[Callable[[Any], Any
             help="color, toy, clip-b16, clip-l14, convnext-l, rn50x64, a hub id or a folder.",
         ),
         click.option("--resolution", type=int, help="Backbone input short side in pixels."),
+        click.option(
+            "--recipe",
+            type=click.Choice(sorted(RECIPES)),
+            help="Input recipe of OpenCLIP backbones: fcclip = FC-CLIP's resize (800/1333) and "
+            "padding [default: fcclip with --proposer fcclip, else retclip].",
+        ),
         click.option(
             "--dense-mode", type=click.Choice(["value", "tokens"]), help="CLIP ViT dense features."
         ),
@@ -146,7 +160,9 @@ retrieval_options = [
     ),
     click.option("-k", "--k", "k", default=10, show_default=True, help="Neighbours retrieved."),
     click.option(
-        "--pooling", type=click.Choice(["soft", "binary"]), default="soft", show_default=True
+        "--pooling",
+        type=click.Choice(["soft", "binary"]),
+        help="Mask pooling of the queries [default: binary with --proposer fcclip, else soft].",
     ),
 ]
 ensemble_options = [
@@ -154,13 +170,40 @@ ensemble_options = [
     click.option("--beta", default=0.7, show_default=True, help="Weight of s_oov, unseen classes."),
     click.option("--gamma", default=0.3, show_default=True, help="Weight of s_ret within s_oov."),
     click.option(
-        "--combine", type=click.Choice(["linear", "geometric"]), default="linear", show_default=True
+        "--combine",
+        type=click.Choice(list(COMBINE_MODES)),
+        default="linear",
+        show_default=True,
+        help="linear: the paper's ensemble; fcclip: FC-CLIP's renormalised geometric one.",
     ),
     click.option("--score-threshold", default=0.0, show_default=True, help="Panoptic merge."),
     click.option("--overlap-threshold", default=0.8, show_default=True, help="Panoptic merge."),
 ]
 #: The ensemble option names, as :class:`retclip.segmenter.Settings` fields.
 ENSEMBLE_FIELDS = ("alpha", "beta", "gamma", "combine", "score_threshold", "overlap_threshold")
+
+
+def resolve_recipe(proposer: str | None, options: dict[str, Any]) -> None:
+    """Fill ``options["recipe"]`` (and ``"pooling"`` where present) for ``proposer``.
+
+    ``--proposer fcclip`` shares its backbone and its segment features with the segmenter, so
+    it implies FC-CLIP's recipe (``--recipe fcclip``) and FC-CLIP's binarised pooling; asking for
+    another recipe or pooling with it is an error. Elsewhere the defaults are ``retclip``/soft.
+    """
+    if proposer == "fcclip":
+        if options.get("recipe") not in (None, "fcclip"):
+            raise InputError(
+                "--proposer fcclip uses FC-CLIP's input recipe; drop --recipe "
+                f"{options['recipe']} (or use --recipe fcclip)"
+            )
+        options["recipe"] = "fcclip"
+        if options.get("pooling") not in (None, "binary"):
+            raise InputError(
+                f"--proposer fcclip pools segments with FC-CLIP's binarised rule; --pooling "
+                f"{options['pooling']} cannot apply (drop it, or use --pooling binary)"
+            )
+    if "pooling" in options and options["pooling"] is None:
+        options["pooling"] = "binary" if options.get("recipe") == "fcclip" else "soft"
 
 
 def model_description(proposer: str | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -176,9 +219,12 @@ def load_models(proposer: str | None, options: dict[str, Any]) -> tuple[Any, Any
     from retclip.proposers.registry import MODEL_PROPOSERS
 
     device = resolve_device(options["device"])
+    resolve_recipe(proposer, options)
     backbone_kwargs = {
         keyword: options[name] for name, keyword in BACKBONE_OPTIONS.items() if options[name]
     }
+    if "preprocessing" in backbone_kwargs:
+        backbone_kwargs["preprocessing"] = RECIPES[backbone_kwargs["preprocessing"]]
     if options["dtype"]:
         backbone_kwargs["dtype"] = options["dtype"]
     backbone = load_backbone(options["backbone"], device, **backbone_kwargs)

@@ -146,9 +146,10 @@ def panoptic_inference(
 
     Each proposal takes its most probable class; proposals of the void class or with score
     ``<= score_threshold`` are dropped. Every pixel goes to the kept proposal with the largest
-    ``score × mask_prob``; a proposal yields a segment from the pixels it wins where its own mask
-    is ``>= 0.5``, unless the pixels it wins are fewer than ``overlap_threshold`` of its mask's
-    area. Segments of one stuff class are merged (keeping the first one's score and proposal).
+    ``score × mask_prob`` (none where all are 0); a proposal yields a segment from the pixels it
+    wins where its own mask is ``>= 0.5``, unless the pixels it wins are fewer than
+    ``overlap_threshold`` of its mask's area. Segments of one stuff class are merged (keeping the
+    first one's score and proposal). Ties go to the earlier proposal.
 
     Args:
         class_probs: ``[N, C]`` class probabilities.
@@ -179,11 +180,15 @@ def panoptic_inference(
     cur_scores, cur_classes, cur_masks = scores[kept], labels[kept], mask_probs[kept]
     k = kept.numel()
 
-    ids = (cur_scores[:, None, None] * cur_masks).argmax(0)  # [H, W] winning kept proposal
+    best, ids = (cur_scores[:, None, None] * cur_masks).max(0)  # [H, W] winning kept proposal
     binary = cur_masks >= 0.5  # [K, H, W]
     own = binary.gather(0, ids[None]).squeeze(0)  # winner's own mask covers the pixel
     flat_ids = ids.reshape(-1)
-    mask_area = torch.bincount(flat_ids, minlength=k).cpu().numpy()
+    # a pixel no kept proposal covers (every score × mask is 0, as off binary masks) is won by
+    # none: argmax would hand it to the first proposal and inflate its area. Soft (sigmoid) masks
+    # are never exactly 0, so for them this is Mask2Former's count unchanged.
+    won = best.reshape(-1) > 0
+    mask_area = torch.bincount(flat_ids[won], minlength=k).cpu().numpy()
     # Summing bools as int32 is ~10x faster than the default int64 on CPU.
     original_area = binary.reshape(k, -1).sum(1, dtype=torch.int32).cpu().numpy()
     final_area = torch.bincount(flat_ids[own.reshape(-1)], minlength=k).cpu().numpy()

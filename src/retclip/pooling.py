@@ -39,24 +39,54 @@ def area_weights(size_in: int, size_out: int, device: torch.device | None = None
     return (overlap / (edges[1:] - edges[:-1])[:, None]).float()
 
 
-def area_resize(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+#: Where an image lies in a padded input: ``(resized_h, resized_w, padded_h, padded_w)``; the
+#: image, resized to ``resized``, fills the top-left of the ``padded`` frame the grid covers.
+Frame = tuple[int, int, int, int]
+
+
+def frame_weights(
+    size_in: int, resized: int, padded: int, cells: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """``[cells, size_in]``: area weights from image pixels to the cells of a grid covering a
+    padded frame (``padded`` pixels, of which the image, resized, fills the first ``resized``).
+
+    The product of two area resizes, image → resized frame and padded frame → grid (padding
+    pixels are 0), so a mask's cell value is the fraction of the cell it covers.
+    """
+    to_frame = area_weights(size_in, resized, device)  # [resized, size_in]
+    to_grid = area_weights(padded, cells, device)[:, :resized]  # [cells, resized]
+    return to_grid @ to_frame
+
+
+def area_resize(
+    values: torch.Tensor, size: tuple[int, int], frame: Frame | None = None
+) -> torch.Tensor:
     """Area-weighted resize of the last two dims ``[..., H, W] → [..., h, w]``.
 
     Each output cell is the exact area-weighted mean of the pixels it covers (fractional pixels
-    included), computed as two small matrix products: ``R_y · X · R_xᵀ``.
+    included), computed as two small matrix products: ``R_y · X · R_xᵀ``. With a ``frame`` the
+    output grid covers the padded frame instead of the image (:func:`frame_weights`).
     """
-    r_y = area_weights(values.shape[-2], size[0], values.device)  # [h, H]
-    r_x = area_weights(values.shape[-1], size[1], values.device)  # [w, W]
+    if frame is None:
+        r_y = area_weights(values.shape[-2], size[0], values.device)  # [h, H]
+        r_x = area_weights(values.shape[-1], size[1], values.device)  # [w, W]
+    else:
+        r_y = frame_weights(values.shape[-2], frame[0], frame[2], size[0], values.device)
+        r_x = frame_weights(values.shape[-1], frame[1], frame[3], size[1], values.device)
     x = values.float()
     return torch.matmul(torch.matmul(r_y, x), r_x.T)
 
 
-def masks_to_grid(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+def masks_to_grid(
+    masks: torch.Tensor, grid_size: tuple[int, int], frame: Frame | None = None
+) -> torch.Tensor:
     """Area-weighted resize of masks to the feature grid.
 
     Args:
         masks: ``[B, N, H, W]`` bool or float in ``[0, 1]``.
-        grid_size: ``(h, w)`` of the dense features, which cover the image uniformly.
+        grid_size: ``(h, w)`` of the dense features, which cover the image uniformly, or with
+            ``frame`` the padded frame the image was placed in.
+        frame: where the image lies in a padded input (FC-CLIP's recipe), or ``None``.
 
     Returns:
         ``[B, N, h, w]`` float: the covered fraction of each cell's area.
@@ -66,7 +96,9 @@ def masks_to_grid(masks: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tens
     """
     flat = masks.flatten(0, 1)  # [B·N, H, W]
     chunk = MASK_CHUNK
-    parts = [area_resize(flat[i : i + chunk], grid_size) for i in range(0, flat.shape[0], chunk)]
+    parts = [
+        area_resize(flat[i : i + chunk], grid_size, frame) for i in range(0, flat.shape[0], chunk)
+    ]
     grid = torch.cat(parts) if parts else flat.new_zeros((0, *grid_size), dtype=torch.float32)
     return grid.reshape(*masks.shape[:2], *grid_size)
 
@@ -78,6 +110,7 @@ def mask_pool(
     mode: PoolingMode = "soft",
     eps: float = 1e-8,
     normalize: bool = True,
+    frame: Frame | None = None,
 ) -> torch.Tensor:
     """Mean-pool dense features under each mask, then L2-normalise.
 
@@ -90,6 +123,8 @@ def mask_pool(
             back to the soft weights for a mask too small to cover half of any cell.
         eps: added to the weight sum (FC-CLIP's ``sum(x·m) / (sum(m) + eps)``).
         normalize: L2-normalise the pooled features (off when a head follows pooling).
+        frame: the features cover a padded frame holding the resized image (see
+            :func:`masks_to_grid`), or ``None`` when they cover the image.
 
     Returns:
         ``[B, N, D]`` features (unit-norm if ``normalize``); all-zero rows for empty masks.
@@ -100,7 +135,7 @@ def mask_pool(
             f"got {tuple(features.shape)} and {tuple(masks.shape)}"
         )
     h, w = features.shape[-2:]
-    weights = masks_to_grid(masks, (h, w)).to(features.dtype)  # [B, N, h, w]
+    weights = masks_to_grid(masks, (h, w), frame).to(features.dtype)  # [B, N, h, w]
     if mode == "binary":
         binary = (weights >= 0.5).to(features.dtype)
         too_small = binary.flatten(2).sum(-1, keepdim=True) == 0  # [B, N, 1]

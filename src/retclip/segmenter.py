@@ -4,6 +4,23 @@ Data flow for one image (README, "Architecture"): vocabulary → text embeddings
 vocabulary) → mask proposals → one backbone pass → mask pooling → ``s_clip`` and ``s_ret`` →
 α/β/γ ensemble → panoptic merge. The per-mask scores of each path are kept in the result, so
 :meth:`SegmentationResult.rescore` tries other α/β/γ or thresholds without any model pass.
+
+Two rules from the paper (§2.2) and FC-CLIP shape the flow:
+
+- **One backbone pass.** A proposer that already ran the shared backbone (FC-CLIP) returns its
+  segment embeddings (``Proposals.features``) and the segmenter scores those instead of encoding
+  the image again; the database is queried with the same features, so it must share their
+  recipe (backbone, input preprocessing, pooling rule), which :class:`Retriever` checks.
+- **Pruning before scoring.** Classes a class-prompted proposer found no evidence for
+  (``Proposals.kept_classes``) leave the image's vocabulary before ``s_clip``'s softmax and
+  before retrieval; they score 0 in every path.
+
+Merging (:func:`merge`): soft proposals (FC-CLIP's ``mask_probs``, with ``p_void``) are merged as
+FC-CLIP does; binary proposals are first put in a canonical order (by class score, then
+proposal confidence, then smaller area), so the panoptic map does not depend on the order a
+proposer returned its masks in. Proposal confidence (detector score, SAM's predicted IoU) does
+not weigh the class scores — the paper classifies by the three paths only — it only breaks
+exact ties.
 """
 
 from __future__ import annotations
@@ -32,8 +49,10 @@ from retclip.scores.ensemble import (
     DEFAULT_BETA,
     DEFAULT_GAMMA,
     CombineMode,
+    check_combine_mode,
     check_weight,
     ensemble,
+    final_probs,
 )
 from retclip.scores.retrieval import DEFAULT_K, Retriever
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
@@ -58,8 +77,7 @@ class Settings:
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma", "overlap_threshold"):
             check_weight(name, getattr(self, name))
-        if self.combine not in ("linear", "geometric"):
-            raise InputError(f"combine must be 'linear' or 'geometric', got {self.combine!r}")
+        check_combine_mode(self.combine)
         if self.max_instances < 1:
             raise InputError(f"max_instances must be >= 1, got {self.max_instances}")
 
@@ -69,11 +87,13 @@ class MaskScores:
     """Per-mask class scores of each path (paper §2.2), ``N`` masks × ``C`` classes.
 
     Attributes:
-        s_clip: ``[N, C]`` CLIP-path probabilities.
+        s_clip: ``[N, C]`` CLIP-path probabilities (softmax over the kept classes).
         s_ret: ``[N, C]`` retrieval scores, ``None`` without a database.
         s_iv: ``[N, C]`` in-vocabulary probabilities, ``None`` in the training-free setting.
         seen: ``[C]`` bool, classes of the training vocabulary, ``None`` if none was given.
         kept: ``[C]`` bool, classes the proposer kept for this image (pruned ones score 0).
+        p_void: ``[N]`` the proposer's void probabilities (FC-CLIP), or ``None``.
+        oov_valid: ``[N]`` bool, masks the out-of-vocabulary paths may score, or ``None`` (all).
     """
 
     s_clip: torch.Tensor
@@ -81,9 +101,13 @@ class MaskScores:
     s_iv: torch.Tensor | None
     seen: torch.Tensor | None
     kept: torch.Tensor
+    p_void: torch.Tensor | None = None
+    oov_valid: torch.Tensor | None = None
 
     def combine(self, settings: Settings) -> torch.Tensor:
-        """Final scores ``s [N, C]`` under ``settings``; pruned classes get 0."""
+        """Final class probabilities under ``settings``: ``[N, C]``, or ``[N, C + 1]`` with the
+        void column last when the proposer has one (:func:`~retclip.scores.ensemble.final_probs`);
+        pruned classes get 0."""
         s = ensemble(
             self.s_clip,
             self.s_ret,
@@ -93,8 +117,9 @@ class MaskScores:
             alpha=settings.alpha,
             beta=settings.beta,
             mode=settings.combine,
+            oov_valid=self.oov_valid,
         )
-        return s * self.kept.to(s.dtype)
+        return final_probs(s, self.p_void, mode=settings.combine, kept=self.kept)
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """The scores as NumPy arrays (absent paths left out), for ``np.savez``."""
@@ -104,6 +129,8 @@ class MaskScores:
             "s_iv": self.s_iv,
             "seen": self.seen,
             "kept": self.kept,
+            "p_void": self.p_void,
+            "oov_valid": self.oov_valid,
         }
         return {k: v.detach().cpu().numpy() for k, v in arrays.items() if v is not None}
 
@@ -116,7 +143,15 @@ class MaskScores:
         kept = get("kept")
         if s_clip is None or kept is None:
             raise InputError("a scores file needs at least s_clip and kept")
-        return cls(s_clip=s_clip, s_ret=get("s_ret"), s_iv=get("s_iv"), seen=get("seen"), kept=kept)
+        return cls(
+            s_clip=s_clip,
+            s_ret=get("s_ret"),
+            s_iv=get("s_iv"),
+            seen=get("seen"),
+            kept=kept,
+            p_void=get("p_void"),
+            oov_valid=get("oov_valid"),
+        )
 
 
 @dataclasses.dataclass
@@ -159,6 +194,17 @@ class SegmentationResult:
     def label_of(self, segment: Segment) -> str:
         return self.vocabulary.names[segment.category]
 
+    def class_probs(self) -> torch.Tensor:
+        """``[N, C]`` (or ``[N, C + 1]``, void last) probabilities the merge ranked."""
+        return self.scores.combine(self.settings).float().cpu()
+
+    def semantic_scores(self) -> torch.Tensor:
+        """``[C, H, W]`` per-pixel class scores ``Σ_n p[n, c] · mask_prob[n]`` (void dropped):
+        the map whose argmax is :attr:`semantic` (FC-CLIP's ``sem_seg`` output)."""
+        probs = self.class_probs()[:, : len(self.vocabulary)]
+        masks = torch.from_numpy(self.proposals.soft_masks)
+        return torch.einsum("nc,nhw->chw", probs, masks)
+
     def rescore(self, **changes: Any) -> SegmentationResult:
         """The same masks and path scores merged under other :class:`Settings` (no model pass)."""
         settings = dataclasses.replace(self.settings, **changes)
@@ -196,7 +242,8 @@ def save_scores(
     """Write the masks (bit-packed), proposal scores and per-mask path scores to ``path``.
 
     The file (``.npz``: ``masks``, ``mask_shape``, ``proposal_scores``, ``class_names``,
-    ``s_clip``, ``s_ret``, ``s_iv``, ``seen``, ``kept``) is what re-scoring with other α/β/γ needs;
+    ``s_clip``, ``s_ret``, ``s_iv``, ``seen``, ``kept``, and for soft proposals ``mask_probs``
+    ``[N, H, W]`` float32, ``p_void`` and ``oov_valid``) is what re-scoring with other α/β/γ needs;
     it is written to a temporary name and renamed, so it is never half-written.
     """
     arrays: dict[str, np.ndarray] = {
@@ -206,6 +253,8 @@ def save_scores(
         "class_names": np.array(class_names),
         **scores.to_numpy(),
     }
+    if proposals.mask_probs is not None:  # soft masks (FC-CLIP), kept exact for re-scoring
+        arrays["mask_probs"] = proposals.mask_probs
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
         np.savez_compressed(handle, allow_pickle=False, **arrays)
@@ -223,7 +272,11 @@ def load_scores(path: Path) -> tuple[Proposals, MaskScores]:
             arrays = {k: data[k] for k in data.files}
         shape = tuple(int(v) for v in arrays["mask_shape"])
         masks = np.unpackbits(arrays["masks"], axis=-1, count=shape[-1]).astype(bool)
-        proposals = Proposals(masks=masks.reshape(shape), scores=arrays["proposal_scores"])
+        proposals = Proposals(
+            masks=masks.reshape(shape),
+            scores=arrays["proposal_scores"],
+            mask_probs=arrays.get("mask_probs"),
+        )
     except FileNotFoundError:
         raise InputError(f"scores file not found: {path}") from None
     except (OSError, ValueError, KeyError) as exc:
@@ -231,20 +284,56 @@ def load_scores(path: Path) -> tuple[Proposals, MaskScores]:
     return proposals, MaskScores.from_numpy(arrays)
 
 
+def canonical_order(class_probs: torch.Tensor, proposals: Proposals) -> np.ndarray:
+    """An order of binary proposals that does not depend on the order they came in.
+
+    By decreasing best class score, then decreasing proposal confidence, then increasing mask
+    area, then the mask's first and last pixel: ties in the merge's ``score × mask`` argmax go to
+    the earlier proposal, so this order makes the panoptic map a function of the set of proposals.
+    """
+    n = len(proposals)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat = proposals.masks.reshape(n, -1)
+    area = flat.sum(1)
+    first = np.where(area > 0, flat.argmax(1), -1)
+    last = np.where(area > 0, flat.shape[1] - 1 - flat[:, ::-1].argmax(1), -1)
+    best = class_probs.max(dim=1).values.double().numpy() if class_probs.shape[1] else np.zeros(n)
+    keys = (last, first, area, -proposals.scores.astype(np.float64), -best)
+    return np.lexsort(keys)
+
+
 def merge(
     scores: MaskScores, proposals: Proposals, vocab: Vocabulary, settings: Settings
 ) -> PanopticPrediction:
-    """Ensemble the path scores and merge the masks into panoptic, semantic and instance maps."""
+    """Ensemble the path scores and merge the masks into panoptic, semantic and instance maps.
+
+    Soft proposals (``mask_probs``) keep their order (FC-CLIP's query order, so segment ids
+    match FC-CLIP's); binary ones are merged in :func:`canonical_order` and their
+    ``mask_index`` mapped back.
+    """
     class_probs = scores.combine(settings).float().cpu()
-    mask_probs = torch.from_numpy(proposals.masks).float()
-    return postprocess(
+    void_class = len(vocab) if scores.p_void is not None else None
+    soft = proposals.mask_probs is not None
+    order = None if soft else canonical_order(class_probs[:, : len(vocab)], proposals)
+    if order is not None:
+        class_probs = class_probs[torch.from_numpy(order)]
+    masks = proposals.soft_masks if order is None else proposals.soft_masks[order]
+    prediction = postprocess(
         class_probs,
-        mask_probs,
+        torch.from_numpy(masks),
         vocab.isthing,
         score_threshold=settings.score_threshold,
         overlap_threshold=settings.overlap_threshold,
         max_instances=settings.max_instances,
+        void_class=void_class,
     )
+    if order is not None:
+        for segment in prediction.segments:
+            segment.mask_index = int(order[segment.mask_index])
+        for instance in prediction.instances:
+            instance.mask_index = int(order[instance.mask_index])
+    return prediction
 
 
 def as_vocabulary(classes: ClassesInput) -> Vocabulary:
@@ -282,7 +371,9 @@ class Segmenter:
         fallback_db: database consulted for classes the primary one lacks (paper §2.2).
         train_vocab: the proposer's training vocabulary; its classes are "seen" (weight α).
         k: neighbours retrieved per segment.
-        pooling: mask pooling mode (``"soft"`` or ``"binary"``, see :func:`mask_pool`).
+        pooling: mask pooling mode (``"soft"`` or ``"binary"``, see :func:`mask_pool`); default
+            the proposer's own rule when it returns features (FC-CLIP: ``"binary"``), else
+            ``"soft"``. Queries and the database must share it.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``...
         **settings: :class:`Settings` fields (alpha, beta, gamma, combine, thresholds).
     """
@@ -296,7 +387,7 @@ class Segmenter:
         *,
         train_vocab: Vocabulary | str | None = None,
         k: int = DEFAULT_K,
-        pooling: PoolingMode = "soft",
+        pooling: PoolingMode | None = None,
         device: str | torch.device = "auto",
         **settings: Any,
     ) -> None:
@@ -304,9 +395,21 @@ class Segmenter:
         self.backbone = load_backbone(backbone, self.device)
         self.proposer = proposer
         self.settings = Settings(**settings)
-        if pooling not in ("soft", "binary"):
+        own = proposer.feature_pooling
+        if pooling is not None and pooling not in ("soft", "binary"):
             raise InputError(f"pooling must be 'soft' or 'binary', got {pooling!r}")
-        self.pooling: PoolingMode = pooling
+        if own is not None:
+            if pooling is not None and pooling != own:
+                raise InputError(
+                    f"proposer {proposer.name!r} pools its features with {own!r} pooling "
+                    f"(FC-CLIP's rule); --pooling {pooling} cannot apply to them"
+                )
+            if getattr(proposer, "backbone", None) is not self.backbone:
+                raise InputError(
+                    f"proposer {proposer.name!r} embeds segments with its own backbone, which "
+                    "must be the segmenter's (one shared backbone, paper §2.2)"
+                )
+        self.pooling: PoolingMode = own or pooling or "soft"  # type: ignore[assignment]
         if isinstance(train_vocab, str):
             train_vocab = Vocabulary.load(train_vocab)
         self.train_vocab = train_vocab
@@ -317,7 +420,9 @@ class Segmenter:
         if opened[0] is None and opened[1] is not None:
             raise InputError("a fallback database needs a primary database")
         self.retriever = (
-            Retriever(self.backbone, opened[0], opened[1], k=k) if opened[0] is not None else None
+            Retriever(self.backbone, opened[0], opened[1], k=k, pooling=self.pooling)
+            if opened[0] is not None
+            else None
         )
         self._class_embeddings: dict[str, ClassEmbeddings] = {}
 
@@ -339,50 +444,68 @@ class Segmenter:
         # class-prompted proposers get each class's first synonym: display names of built-in
         # vocabularies can be WordNet lists ("road, route") that read badly as prompts
         prompts = [entry.synonyms[0] for entry in vocab.classes]
+        text = self.class_embeddings(vocab)
+        extra: dict[str, Any] = (
+            {"text_embeddings": text} if self.proposer.uses_text_embeddings else {}
+        )
+        proposals = self.proposer.propose(
+            pixels, prompts, source=source_name, vocabulary=vocab, **extra
+        )
         return PreparedImage(
-            pixels=pixels,
-            vocabulary=vocab,
-            text=self.class_embeddings(vocab),
-            proposals=self.proposer.propose(pixels, prompts, source=source_name, vocabulary=vocab),
-            source=source_name,
+            pixels=pixels, vocabulary=vocab, text=text, proposals=proposals, source=source_name
         )
 
     @torch.inference_mode()
     def finish(self, prepared: Sequence[PreparedImage]) -> list[SegmentationResult]:
-        """Results of prepared images; images of one size share one backbone pass."""
+        """Results of prepared images; images of one size share one backbone pass, and images
+        whose proposer already embedded the segments (``Proposals.features``) need none."""
         by_size: dict[tuple[int, ...], list[int]] = {}
-        for i, item in enumerate(prepared):
-            by_size.setdefault(item.pixels.shape, []).append(i)
         results: list[SegmentationResult | None] = [None] * len(prepared)
+        for i, item in enumerate(prepared):
+            features = item.proposals.features
+            if features is not None:
+                results[i] = self._result(item, torch.from_numpy(features).to(self.device))
+            else:
+                by_size.setdefault(item.pixels.shape, []).append(i)
         for members in by_size.values():
             pixels = torch.stack([image_to_tensor(prepared[i].pixels) for i in members])
             dense = self.backbone.encode_images(pixels.to(self.device))  # [B, D', h, w]
             for row, i in enumerate(members):
                 masks = prepared[i].proposals.masks
-                features = features_from_dense(
+                pooled = features_from_dense(
                     self.backbone, dense[row : row + 1], masks, mode=self.pooling
                 )
-                results[i] = self._result(prepared[i], features)
+                results[i] = self._result(prepared[i], pooled)
         return [r for r in results if r is not None]
 
     def _result(self, item: PreparedImage, features: torch.Tensor) -> SegmentationResult:
-        """Path scores of ``[N, D]`` segment features, and the merged result."""
+        """Path scores of ``[N, D]`` unit-norm segment features, and the merged result."""
         vocab, proposals = item.vocabulary, item.proposals
-        s_clip = clip_scores(features, item.text, self.backbone.logit_scale)
-        s_ret = self.retriever.scores(features, vocab, item.text) if self.retriever else None
         kept = torch.ones(len(vocab), dtype=torch.bool)
         if proposals.kept_classes is not None:
             kept = torch.zeros(len(vocab), dtype=torch.bool)
             kept[torch.as_tensor(proposals.kept_classes, dtype=torch.long)] = True
+        # pruned classes leave the vocabulary before scoring (paper §2.2): the softmax of s_clip
+        # runs over the kept classes and retrieval searches only their rows
+        s_clip = clip_scores(features, item.text, self.backbone.logit_scale, kept=kept)
+        s_ret = None
+        if self.retriever is not None:
+            s_ret = self.retriever.scores(features, vocab, item.text, kept=kept.numpy())
         seen = None
         if self.train_vocab is not None:
             seen = torch.from_numpy(vocab.seen_mask(self.train_vocab))
+
+        def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+            return None if array is None else torch.from_numpy(np.asarray(array))
+
         scores = MaskScores(
             s_clip=s_clip.cpu(),
             s_ret=None if s_ret is None else s_ret.cpu(),
             s_iv=None if proposals.s_iv is None else torch.from_numpy(proposals.s_iv).float(),
             seen=seen,
             kept=kept,
+            p_void=tensor(proposals.p_void),
+            oov_valid=tensor(proposals.oov_valid),
         )
         return SegmentationResult(
             image=item.pixels,

@@ -31,9 +31,15 @@ class BackboneFingerprint:
     revision: str = ""
     dense_mode: str = ""
     input_resolution: int = 0
+    #: The input recipe when it is not the backbone's default (``""``), e.g. FC-CLIP's resize
+    #: and padding (``"fcclip:short800/max1333/pad32"``).
+    preprocessing: str = ""
 
     def to_dict(self) -> dict[str, str | int]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.preprocessing:  # the default recipe keeps its earlier form (and cache keys)
+            del data["preprocessing"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> BackboneFingerprint:
@@ -52,6 +58,8 @@ class BackboneFingerprint:
             parts.append(f"dense={self.dense_mode}")
         if self.input_resolution:
             parts.append(f"res={self.input_resolution}")
+        if self.preprocessing:
+            parts.append(f"input={self.preprocessing}")
         return " ".join(parts)
 
 

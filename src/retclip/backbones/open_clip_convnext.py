@@ -19,6 +19,15 @@ norm and the MLP's GELU, or the attention pool, do not commute with averaging):
   token (FC-CLIP uses the image mean as query; ours makes the full-image case exact).
 
 With a mask covering the whole image both equal ``model.encode_image`` exactly (tested).
+
+**FC-CLIP's recipe** (``preprocessing="fcclip"``, chosen with ``--recipe fcclip`` and implied by
+``--proposer fcclip``): the input is FC-CLIP's instead (:mod:`retclip.backbones.preprocessing`:
+detectron2's shortest-edge resize to ``resolution`` with the long side at most ``max_size``, PIL
+bilinear on the uint8 image, CLIP mean/std, zero padding to multiples of 32), and masks are
+mapped onto the grid of the padded frame. With ``"binary"`` pooling this is FC-CLIP's
+out-of-vocabulary rule for image-size masks (a cell is in the mask when the mask covers at least
+half of it, FC-CLIP's ``logit > 0`` after bilinear resizing), so a database built this way shares
+the feature space of the FC-CLIP proposer's queries. The fingerprint records the recipe.
 """
 
 from __future__ import annotations
@@ -40,12 +49,19 @@ from retclip.backbones.loading import (
     resize_for_grid,
     resolve_model,
 )
+from retclip.backbones.preprocessing import (
+    MAX_SIZE,
+    fcclip_preprocess,
+    padded_size,
+    resize_size,
+)
 from retclip.errors import InputError
-from retclip.pooling import PoolingMode, mask_pool, masks_to_grid
+from retclip.pooling import Frame, PoolingMode, mask_pool, masks_to_grid
 
 #: Output stride of both trunks' last stage.
 STRIDE = 32
 DEFAULT_RESOLUTION = 800
+Preprocessing = Literal["grid", "fcclip"]
 
 
 class OpenClipBackbone(Backbone):
@@ -56,6 +72,9 @@ class OpenClipBackbone(Backbone):
         resolution: short side in pixels after resizing (default 800).
         device: where the model runs.
         dtype: weights' dtype (``float16``/``bfloat16`` on CUDA only); outputs are float32.
+        preprocessing: ``"grid"`` (resize so both sides are multiples of 32) or ``"fcclip"``
+            (FC-CLIP's resize and padding, see the module docstring).
+        max_size: ``"fcclip"``: the long side's limit after resizing (default 1333).
     """
 
     def __init__(
@@ -65,7 +84,11 @@ class OpenClipBackbone(Backbone):
         resolution: int = DEFAULT_RESOLUTION,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        preprocessing: Preprocessing = "grid",
+        max_size: int = MAX_SIZE,
     ) -> None:
+        if preprocessing not in ("grid", "fcclip"):
+            raise InputError(f"preprocessing must be 'grid' or 'fcclip', got {preprocessing!r}")
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype, self.device)
         resolved = resolve_model(model)
@@ -87,7 +110,11 @@ class OpenClipBackbone(Backbone):
             )
         if resolution < STRIDE:
             raise InputError(f"resolution must be >= {STRIDE}, got {resolution}")
+        if max_size < resolution:
+            raise InputError(f"max_size ({max_size}) must be >= resolution ({resolution})")
         self.resolution = resolution
+        self.preprocessing: Preprocessing = preprocessing
+        self.max_size = max_size
         self.mean = [float(v) for v in visual.image_mean]
         self.std = [float(v) for v in visual.image_std]
         self.dim = int(self.model.text_projection.shape[-1])
@@ -97,6 +124,11 @@ class OpenClipBackbone(Backbone):
             revision="",
             dense_mode=self.dense_mode,
             input_resolution=resolution,
+            preprocessing=(
+                f"fcclip:short{resolution}/max{max_size}/pad{STRIDE}"
+                if preprocessing == "fcclip"
+                else ""
+            ),
         )
 
     def to(self, device: torch.device | str) -> OpenClipBackbone:
@@ -106,10 +138,25 @@ class OpenClipBackbone(Backbone):
         self.model.to(device=self.device, dtype=self.dtype)
         return self
 
+    def frame(self, height: int, width: int) -> Frame | None:
+        """Where an image of ``height × width`` lies in its padded input (``"fcclip"``), else
+        ``None`` (the grid covers the image)."""
+        if self.preprocessing != "fcclip":
+            return None
+        resized = resize_size(height, width, self.resolution, self.max_size)
+        return (*resized, *padded_size(*resized))
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` RGB in [0, 255] → resized, normalised ``[B, 3, H', W']``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        if self.preprocessing == "fcclip":
+            frame = self.frame(int(images.shape[2]), int(images.shape[3]))
+            assert frame is not None
+            size = (frame[0], frame[1])
+            uint8 = images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            batch = [fcclip_preprocess(img.numpy(), size, self.device)[0] for img in uint8]
+            return torch.cat(batch).to(self.dtype)
         pixels = resize_for_grid(images.to(self.device, torch.float32), self.resolution, STRIDE)
         mean = torch.tensor(self.mean, device=self.device)[:, None, None] * 255.0
         std = torch.tensor(self.std, device=self.device)[:, None, None] * 255.0
@@ -150,11 +197,20 @@ class OpenClipBackbone(Backbone):
         A full mask gives ``model.encode_image`` of the preprocessed image.
         """
         trunk = dense.to(self.device, self.dtype)
+        frame = self.frame(int(masks.shape[-2]), int(masks.shape[-1]))
+        if frame is not None and (frame[2] // STRIDE, frame[3] // STRIDE) != trunk.shape[-2:]:
+            raise ValueError(
+                f"masks of {tuple(masks.shape[-2:])} do not fit the padded grid "
+                f"{tuple(trunk.shape[-2:])}: pass masks at the encoded image's size"
+            )
         if self.kind == "convnext":
-            pooled = mask_pool(trunk, masks.to(self.device), mode=mode, normalize=False)
+            pooled = mask_pool(
+                trunk, masks.to(self.device), mode=mode, normalize=False, frame=frame
+            )
             b, n, c = pooled.shape
             return self.head(pooled.reshape(b * n, c)).reshape(b, n, -1).float()
-        weights = masks_to_grid(masks.to(self.device), (int(trunk.shape[-2]), int(trunk.shape[-1])))
+        grid = (int(trunk.shape[-2]), int(trunk.shape[-1]))
+        weights = masks_to_grid(masks.to(self.device), grid, frame)
         return self._masked_attention_pool(trunk, weights > 0).float()
 
     def _masked_attention_pool(self, trunk: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,8 @@ def build_database(
     masks without a hint (or empty ones) are dropped and counted. ``on_commit`` is called with the
     number of batches committed so far (progress reporting).
     """
-    db.check_compatible(backbone.fingerprint, backbone.dim)
+    db.check_compatible(backbone.fingerprint, backbone.dim, pooling=pooling)
+    db.record_pooling(pooling)
     if not proposer.gives_class_hints:
         raise InputError(
             f"proposer {proposer.name!r} gives no class per mask, so its masks cannot label "

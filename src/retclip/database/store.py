@@ -21,8 +21,11 @@ Directory format (``format_version`` 1)::
       .lock              flock(2) file serialising writers
 
 ``meta.json`` holds ``format_version``, ``fingerprint`` (the backbone's, see
-:class:`~retclip.backbones.base.BackboneFingerprint`), ``dim``, ``dtype`` (``"float16"`` default or
-``"float32"``), ``metric`` (``"inner_product"``), ``rows``, ``rows_per_class`` ``{label: n}``,
+:class:`~retclip.backbones.base.BackboneFingerprint`: model, preprocessing and resolution),
+``pooling`` (the mask-pooling rule of the rows, ``"soft"``, ``"binary"``, or ``null`` when not
+recorded; with the fingerprint it is the database's *recipe*, which queries must share), ``dim``,
+``dtype`` (``"float16"`` default or ``"float32"``), ``metric`` (``"inner_product"``), ``rows``,
+``rows_per_class`` ``{label: n}``,
 ``labels`` ``[{"name", "synonyms"}]`` (a label's id is its position), ``index`` (the
 :class:`~retclip.database.index.IndexSpec` as ``{type, params}``), ``index_file`` (``null`` or
 ``{file, spec, generation, rows, bytes, sha256}``: the build parameters and data generation the
@@ -384,12 +387,15 @@ class FeatureDatabase:
         dtype: str = "float16",
         index: IndexSpec | None = None,
         exist_ok: bool = False,
+        pooling: str | None = None,
     ) -> FeatureDatabase:
         """Create an empty database at ``path`` (a new or empty directory).
 
-        With ``exist_ok`` an existing database is opened instead; it must have been built with the
-        same ``fingerprint`` and ``dim`` (else :class:`DatabaseMismatchError`), keeps its dtype,
-        and takes ``index`` as its index spec when given.
+        ``pooling`` is the mask-pooling rule its rows will be pooled with (recorded, and checked
+        against every query). With ``exist_ok`` an existing database is opened instead; it must
+        have been built with the same ``fingerprint``, ``dim`` and ``pooling`` (else
+        :class:`DatabaseMismatchError`), keeps its dtype, and takes ``index`` as its index spec
+        when given.
         """
         db_path = Path(path)
         if dtype not in DTYPES:
@@ -402,7 +408,7 @@ class FeatureDatabase:
                     f"a feature database already exists at {db_path} (open it, or pass exist_ok)"
                 )
             db = cls.open(db_path)
-            db.check_compatible(fingerprint, dim)
+            db.check_compatible(fingerprint, dim, pooling=pooling)
             if index is not None and index != db.index_spec:
                 db._record_spec(index)
             return db
@@ -416,6 +422,7 @@ class FeatureDatabase:
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint.to_dict(),
+            "pooling": pooling,
             "dim": dim,
             "dtype": dtype,
             "metric": METRIC,
@@ -538,13 +545,28 @@ class FeatureDatabase:
             done.update(shard["completed_sources"].get(build_id, ()))
         return done
 
-    def check_compatible(self, fingerprint: BackboneFingerprint, dim: int) -> None:
-        """Refuse queries from a backbone other than the one that built the database."""
+    @property
+    def pooling(self) -> str | None:
+        """The mask-pooling rule the rows were pooled with (``None``: not recorded)."""
+        value = self._meta.get("pooling")
+        return value if isinstance(value, str) else None
+
+    def check_compatible(
+        self, fingerprint: BackboneFingerprint, dim: int, *, pooling: str | None = None
+    ) -> None:
+        """Refuse queries of another recipe: another backbone (model, preprocessing,
+        resolution) or, where both are known, another mask-pooling rule."""
         if fingerprint != self.fingerprint or dim != self.dim:
             raise DatabaseMismatchError(
                 f"database {self._path} was built with backbone {self.fingerprint} "
                 f"(dim {self.dim}); the query backbone is {fingerprint} (dim {dim}): rebuild the "
                 "database with this backbone or pick the matching one"
+            )
+        if pooling is not None and self.pooling is not None and pooling != self.pooling:
+            raise DatabaseMismatchError(
+                f"database {self._path} was built with {self.pooling!r} mask pooling; the "
+                f"queries are pooled with {pooling!r}: rebuild the database with --pooling "
+                f"{pooling} (or query it with --pooling {self.pooling})"
             )
 
     def info(self) -> dict[str, Any]:
@@ -562,6 +584,7 @@ class FeatureDatabase:
             "dtype": self.dtype,
             "metric": meta.get("metric", METRIC),
             "fingerprint": dict(meta["fingerprint"]),
+            "pooling": self.pooling,
             "index": {
                 **spec.to_dict(),
                 "text": str(spec),
@@ -809,6 +832,11 @@ class FeatureDatabase:
                     f"with {first.path} (backbone {first.fingerprint}, dim {first.dim}): merged "
                     "databases must share one backbone"
                 )
+            if db.pooling != first.pooling:
+                raise DatabaseMismatchError(
+                    f"cannot merge database {db.path} ({db.pooling!r} pooling) with {first.path} "
+                    f"({first.pooling!r} pooling): merged databases must share one recipe"
+                )
         dtypes = {db.dtype for db in databases}
         out_dtype = dtype or (dtypes.pop() if len(dtypes) == 1 else "float32")
         out = Path(out_path)
@@ -841,6 +869,7 @@ class FeatureDatabase:
                 dim=first.dim,
                 dtype=out_dtype,
                 index=first.index_spec,
+                pooling=first.pooling,
             )
             staged._commit(staged._meta, merged, labels, build_ids, completed, replace=True)
             if out.exists():
@@ -864,6 +893,21 @@ class FeatureDatabase:
                 (self._path / INDEX_NAME).unlink(missing_ok=True)
         self._refresh(meta)
         return meta
+
+    def record_pooling(self, pooling: str) -> None:
+        """Record the pooling rule of a database that has none recorded yet (and no rows, so
+        the rule is known to hold for all of them); else it must equal the recorded one."""
+        if self.pooling is not None or self.num_rows:
+            if self.pooling not in (None, pooling):
+                raise DatabaseMismatchError(
+                    f"database {self._path} holds {self.pooling!r}-pooled rows, not {pooling!r}"
+                )
+            return
+        with self._writing() as meta:
+            if meta.get("pooling") is None and not meta["rows"]:
+                meta["pooling"] = pooling
+                _write_meta(self._path, meta)
+        self._refresh(meta)
 
     def set_index(self, spec: IndexSpec) -> None:
         """Make ``spec`` the database's index; (re)builds and persists it now if needed."""

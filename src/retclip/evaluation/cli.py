@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from retclip.cli_options import (
+    COMBINE_MODES,
     ENSEMBLE_FIELDS,
     CleanErrorsCommand,
     ensemble_options,
     load_models,
     model_description,
     model_options,
+    resolve_recipe,
     retrieval_options,
     with_options,
 )
@@ -226,6 +228,7 @@ def eval_command(**o: Any) -> None:
     vocabulary = _dataset_vocabulary(dataset, o["vocab"])
     if o["proposer"] == "fcclip" and not o["train_vocab"]:
         o["train_vocab"] = "coco-panoptic-133"  # FC-CLIP's training vocabulary
+    resolve_recipe(o["proposer"], o)
     train = Vocabulary.load(o["train_vocab"]) if o["train_vocab"] else None
     seen = _seen(vocabulary, train)
     settings = Settings(**{name: o[name] for name in ENSEMBLE_FIELDS})
@@ -301,7 +304,7 @@ def eval_command(**o: Any) -> None:
 @click.option("--alpha", "alphas", default="0.4", show_default=True, help="Comma-separated.")
 @click.option("--beta", "betas", default="0.7", show_default=True, help="Comma-separated.")
 @click.option("--gamma", "gammas", default="0.3", show_default=True, help="Comma-separated.")
-@click.option("--combine", type=click.Choice(["linear", "geometric"]), default="linear")
+@click.option("--combine", type=click.Choice(list(COMBINE_MODES)), default="linear")
 @click.option("--score-threshold", default=0.0, show_default=True)
 @click.option("--overlap-threshold", default=0.8, show_default=True)
 @click.option(

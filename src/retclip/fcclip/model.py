@@ -21,21 +21,40 @@ import dataclasses
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from PIL import Image
 from torch import nn
 
+from retclip.backbones.preprocessing import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    SIZE_DIVISIBILITY,
+    resize_size,
+)
+from retclip.backbones.preprocessing import fcclip_preprocess as preprocess
 from retclip.fcclip.pixel_decoder import PixelDecoder
 from retclip.fcclip.transformer_decoder import TransformerDecoder
 from retclip.text_embeddings import ClassEmbeddings
 
-#: FC-CLIP's input normalisation (CLIP's mean/std on 0–255 pixels).
-PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
-PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
-SIZE_DIVISIBILITY = 32
+__all__ = [
+    "CONVNEXT_LARGE",
+    "FCCLIP",
+    "FCCLIP_ALPHA",
+    "FCCLIP_BETA",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "RN50X64",
+    "SIZE_DIVISIBILITY",
+    "FCCLIPConfig",
+    "FCCLIPOutput",
+    "classification_logits",
+    "geometric_ensemble",
+    "masks_to_image",
+    "preprocess",
+    "resize_size",
+]
+
 #: FC-CLIP's ensemble weights of the out-of-vocabulary path (seen / unseen classes).
 FCCLIP_ALPHA, FCCLIP_BETA = 0.4, 0.8
 
@@ -105,12 +124,15 @@ class FCCLIPOutput:
         in_vocab_logits: ``[B, Q, C + 1]``, last column void.
         out_vocab_logits: ``[B, Q, C + 1]``, last column void.
         valid: ``[B, Q]`` bool, the mask covers at least one cell of the CLIP map.
+        clip_embeddings: ``[B, Q, E]`` the out-of-vocabulary path's mask-pooled CLIP embeddings
+            (not normalised): RetCLIP's ``s_clip`` and retrieval query (paper §2.2).
     """
 
     mask_logits: torch.Tensor
     in_vocab_logits: torch.Tensor
     out_vocab_logits: torch.Tensor
     valid: torch.Tensor
+    clip_embeddings: torch.Tensor
 
 
 def classification_logits(
@@ -286,7 +308,7 @@ class FCCLIP(nn.Module):
         clip_embeddings = self.embed_masks(dense.to(clip_dtype), small).float()
         out_vocab = classification_logits(clip_embeddings, text, void, self.clip_model.logit_scale)
         valid = (small > 0).flatten(2).any(-1)
-        return FCCLIPOutput(mask_logits, in_vocab, out_vocab, valid)
+        return FCCLIPOutput(mask_logits, in_vocab, out_vocab, valid, clip_embeddings)
 
     def class_probs(
         self,
@@ -305,38 +327,6 @@ class FCCLIP(nn.Module):
             beta=beta,
             valid=output.valid if self.config.ensemble_on_valid_mask else None,
         )
-
-
-def resize_size(height: int, width: int, short: int = 800, max_size: int = 1333) -> tuple[int, int]:
-    """detectron2's ``ResizeShortestEdge`` output ``(h, w)``: short side ``short``, long side at
-    most ``max_size``, rounded half up."""
-    scale = short / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def preprocess(
-    image: np.ndarray, size: tuple[int, int] | None, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``[H, W, 3]`` uint8 RGB → normalised pixels ``[1, 3, H', W']`` zero-padded to multiples
-    of 32, and the resized ``(h, w)`` before padding.
-
-    ``size`` is the resized ``(h, w)`` (PIL bilinear, as detectron2 resizes uint8 images), or
-    ``None`` to keep the image's size.
-    """
-    if size is not None and size != image.shape[:2]:
-        image = np.asarray(
-            Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        )
-    h, w = image.shape[:2]
-    x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float()
-    mean = torch.tensor(PIXEL_MEAN, device=x.device)[:, None, None]
-    std = torch.tensor(PIXEL_STD, device=x.device)[:, None, None]
-    x = (x - mean) / std
-    pad_h = -h % SIZE_DIVISIBILITY
-    pad_w = -w % SIZE_DIVISIBILITY
-    return F.pad(x, (0, pad_w, 0, pad_h))[None], (h, w)
 
 
 def masks_to_image(

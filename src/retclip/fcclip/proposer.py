@@ -1,20 +1,23 @@
-"""``--proposer fcclip``: FC-CLIP's masks and in-vocabulary scores for RetCLIP (paper §2.2).
+"""``--proposer fcclip``: FC-CLIP as RetCLIP's cross-dataset path (paper §2.2, Fig. 2, Table 1).
 
-FC-CLIP runs on the OpenCLIP model of a retclip :class:`OpenClipBackbone` (``convnext-l`` by
-default), obtained through :func:`load_backbone`, which builds one instance per process and
-name: the :class:`~retclip.segmenter.Segmenter` given the same backbone name shares it. The
-proposer gives:
+One frozen OpenCLIP ConvNeXt-L (or RN50x64) is shared: the proposer's single backbone pass feeds
+FC-CLIP's pixel decoder and mask decoder, the in-vocabulary classifier, and the out-of-vocabulary
+mask pooling whose embeddings are RetCLIP's ``s_clip`` *and* retrieval query. The backbone is the
+:class:`~retclip.segmenter.Segmenter`'s own (with FC-CLIP's input recipe,
+``preprocessing="fcclip"``), and the segmenter runs no second pass. For every one of the ``Q``
+queries the proposer gives:
 
-- ``masks``: the decoder's mask logits at image size, ``>= 0`` (sigmoid ``>= 0.5``, FC-CLIP's
-  segment rule), for the queries FC-CLIP itself keeps (label ≠ void and score above
-  ``object_mask_threshold``, under its own geometric ensemble) with a non-empty mask;
-- ``s_iv``: the in-vocabulary path's softmax over the ``C`` classes (void dropped);
-- ``scores``: ``1 − p_void``.
+- ``mask_probs``: the sigmoid of the mask logits at image size (upsampled to the padded input,
+  cropped, resized: FC-CLIP's ``sem_seg_postprocess``), and ``masks = mask_probs >= 0.5``;
+- ``features``: FC-CLIP's out-of-vocabulary embeddings (mask logits bilinearly resized to the
+  stride-32 map, ``> 0``, mean-pooled, trunk-head norm + ``visual.head``), unit-norm;
+- ``s_iv``: the in-vocabulary softmax over the ``C`` classes (void dropped), and ``p_void``: the
+  void probability of the in-vocabulary softmax over ``C + 1``; ``scores = 1 − p_void``;
+- ``oov_valid`` for the ResNet model (FC-CLIP's ``ENSEMBLE_ON_VALID_MASK``).
 
-``s_clip`` and ``s_ret`` are not taken from FC-CLIP's out-of-vocabulary head: the segmenter pools
-the same backbone's map under these masks, exactly as the feature database was built, so database
-rows and queries share one feature space; the α/β/γ ensemble (linear or geometric) then combines
-them with ``s_iv``.
+No query is dropped here: the void decision, the object-mask threshold and the merge belong to
+the segmenter's post-processing, which with ``combine="fcclip"`` and no database reproduces
+FC-CLIP's outputs (``docs/fcclip.md``).
 """
 
 from __future__ import annotations
@@ -26,51 +29,44 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from retclip.backbones.open_clip_convnext import OpenClipBackbone
 from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.errors import InputError
 from retclip.fcclip.checkpoint import load_fcclip_weights, load_weights
-from retclip.fcclip.model import (
-    CONVNEXT_LARGE,
-    FCCLIP,
-    FCCLIP_ALPHA,
-    FCCLIP_BETA,
-    RN50X64,
-    FCCLIPConfig,
-    masks_to_image,
-    preprocess,
-    resize_size,
-)
+from retclip.fcclip.model import CONVNEXT_LARGE, FCCLIP, RN50X64, FCCLIPConfig, masks_to_image
+from retclip.images import image_to_tensor
 from retclip.proposers.base import MaskProposer, Proposals
-from retclip.text_embeddings import embed_vocabulary
+from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import VocabClass, Vocabulary
 
 
 class FcclipProposer(MaskProposer):
-    """FC-CLIP mask proposals with in-vocabulary class probabilities.
+    """FC-CLIP's queries with their masks, in-vocabulary and void probabilities, and embeddings.
 
     Args:
         checkpoint: ``fcclip_cocopan.pth`` (original key names) or the ``.safetensors`` written
             by ``retclip convert-fcclip``.
-        backbone: retclip backbone name (``convnext-l``, ``rn50x64``, an OpenCLIP directory) or
-            an :class:`OpenClipBackbone`; the checkpoint's backbone copy must equal it.
+        backbone: retclip backbone name (``convnext-l``, ``rn50x64``, an OpenCLIP directory),
+            built with FC-CLIP's input recipe, or an :class:`OpenClipBackbone` built with
+            ``preprocessing="fcclip"`` (the segmenter's); the checkpoint's CLIP must equal it.
         config: head architecture; default by backbone kind (:data:`CONVNEXT_LARGE` /
             :data:`RN50X64`).
-        train_vocab: FC-CLIP's training vocabulary (its seen classes, for its own void decision).
         vocabulary: builtin name or file whose synonyms complete class names given as plain
-            strings (the segmenter passes each class's first synonym); classes given as
-            :class:`VocabClass` keep their own synonyms.
-        alpha, beta: FC-CLIP's geometric-ensemble weights for the void decision (0.4, 0.8).
-        object_mask_threshold: FC-CLIP keeps queries scoring above this (0.0 for ADE20k).
-        short_side, max_size: test resize (800 / 1333, FC-CLIP's ADE20k setting).
+            strings when no vocabulary is passed to :meth:`propose`.
         backbone_check: ``"verify"`` (default) the checkpoint's CLIP weights against the
             backbone's, ``"load"`` them into it, or ``"skip"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         dtype: the backbone's weights' dtype when built here by name (the head runs float32).
+        resolution, max_size: test resize when the backbone is built here by name (FC-CLIP's
+            800 / 1333); a given backbone brings its own.
     """
 
     name = "fcclip"
+    uses_text_embeddings = True
+    #: FC-CLIP binarises its mask logits on the stride-32 grid before mean pooling.
+    feature_pooling = "binary"
 
     def __init__(
         self,
@@ -78,16 +74,12 @@ class FcclipProposer(MaskProposer):
         *,
         backbone: str | OpenClipBackbone = "convnext-l",
         config: FCCLIPConfig | None = None,
-        train_vocab: str = "coco-panoptic-133",
         vocabulary: str | None = None,
-        alpha: float = FCCLIP_ALPHA,
-        beta: float = FCCLIP_BETA,
-        object_mask_threshold: float = 0.0,
-        short_side: int = 800,
-        max_size: int = 1333,
         backbone_check: Literal["load", "verify", "skip"] = "verify",
         device: str = "auto",
         dtype: str | None = None,
+        resolution: int | None = None,
+        max_size: int | None = None,
     ) -> None:
         if checkpoint is None:
             raise InputError(
@@ -96,13 +88,24 @@ class FcclipProposer(MaskProposer):
             )
         self.device = resolve_device(device)
         if isinstance(backbone, str):
-            loaded = load_backbone(backbone, self.device, **({"dtype": dtype} if dtype else {}))
+            options: dict[str, object] = {"preprocessing": "fcclip"}
+            for key, value in (("dtype", dtype), ("resolution", resolution)):
+                if value:
+                    options[key] = value
+            if max_size:
+                options["max_size"] = max_size
+            loaded = load_backbone(backbone, self.device, **options)
             if not isinstance(loaded, OpenClipBackbone):
                 raise InputError(
                     f"proposer 'fcclip' needs an OpenCLIP ConvNeXt or ResNet backbone, "
                     f"got {backbone!r}"
                 )
             backbone = loaded
+        if not isinstance(backbone, OpenClipBackbone) or backbone.preprocessing != "fcclip":
+            raise InputError(
+                "proposer 'fcclip' shares its backbone with the segmenter and needs FC-CLIP's "
+                "input recipe: build the backbone with preprocessing='fcclip' (--recipe fcclip)"
+            )
         self.backbone = backbone
         if config is None:
             config = RN50X64 if backbone.kind == "resnet" else CONVNEXT_LARGE
@@ -110,11 +113,7 @@ class FcclipProposer(MaskProposer):
         self.report = load_fcclip_weights(
             self.model, load_weights(checkpoint), backbone=backbone_check
         )
-        self.train_vocab = Vocabulary.load(train_vocab)
         self.vocabulary = Vocabulary.load(vocabulary) if vocabulary else None
-        self.alpha, self.beta = alpha, beta
-        self.object_mask_threshold = object_mask_threshold
-        self.short_side, self.max_size = short_side, max_size
 
     def vocabulary_of(self, classes: Sequence[str | VocabClass]) -> Vocabulary:
         """The classes as a :class:`Vocabulary`, plain names completed from ``vocabulary``."""
@@ -138,27 +137,38 @@ class FcclipProposer(MaskProposer):
         *,
         source: str | Path | None = None,
         vocabulary: Vocabulary | None = None,
+        text_embeddings: ClassEmbeddings | None = None,
     ) -> Proposals:
-        """FC-CLIP's kept masks of ``image`` ``[H, W, 3]`` uint8 for ``classes`` (or, when
-        given, ``vocabulary`` with all its synonyms)."""
-        if not classes:
-            raise InputError("proposer 'fcclip' classifies its queries: it needs the class names")
-        # the full vocabulary keeps every synonym (the class score is the max over them)
-        vocab = vocabulary if vocabulary is not None else self.vocabulary_of(classes)
-        text = embed_vocabulary(self.backbone, vocab).to(self.backbone.device)
+        """All ``Q`` queries of ``image`` ``[H, W, 3]`` uint8 for ``vocabulary`` (all synonyms
+        of each class; else ``classes`` completed by :meth:`vocabulary_of`), classified with
+        ``text_embeddings`` when given (the segmenter's; else embedded here)."""
+        if vocabulary is None:
+            if not classes:
+                raise InputError("proposer 'fcclip' classifies its queries: it needs the classes")
+            vocabulary = self.vocabulary_of(classes)
+        text = text_embeddings
+        if text is None:
+            text = embed_vocabulary(self.backbone, vocabulary)
+        text = text.to(self.backbone.device)
         h, w = image.shape[:2]
-        size = resize_size(h, w, self.short_side, self.max_size)
-        pixels, resized = preprocess(image, size, self.backbone.device)
+        frame = self.backbone.frame(h, w)
+        if frame is None:  # guarded in __init__; kept for the type checker
+            raise InputError("proposer 'fcclip' needs a backbone with preprocessing='fcclip'")
+        pixels = self.backbone.preprocess(image_to_tensor(image)[None])  # one backbone pass
         output = self.model(pixels, text)
-        seen = torch.from_numpy(vocab.seen_mask(self.train_vocab))
-        probs = self.model.class_probs(output, seen, alpha=self.alpha, beta=self.beta)[0]
-        scores, labels = torch.log(probs + 1e-8).softmax(-1).max(-1)  # as FC-CLIP re-softmaxes
-        masks = masks_to_image(output.mask_logits, resized, (h, w))[0] >= 0  # [Q, H, W]
-        keep = (labels != len(vocab)) & (scores > self.object_mask_threshold)
-        keep &= masks.flatten(1).any(-1)
-        s_iv = output.in_vocab_logits[0, :, :-1].softmax(-1)
+        logits = masks_to_image(output.mask_logits, (frame[0], frame[1]), (h, w))[0]  # [Q, H, W]
+        mask_probs = logits.sigmoid()
+        in_vocab = output.in_vocab_logits[0]  # [Q, C + 1]
+        p_void = in_vocab.softmax(-1)[:, -1]
+        s_iv = in_vocab[:, :-1].softmax(-1)
+        features = F.normalize(output.clip_embeddings[0].float(), dim=-1)
+        valid = output.valid[0] if self.model.config.ensemble_on_valid_mask else None
         return Proposals(
-            masks=masks[keep].cpu().numpy(),
-            scores=(1.0 - probs[keep, -1]).float().cpu().numpy(),
-            s_iv=s_iv[keep].float().cpu().numpy(),
+            masks=(mask_probs >= 0.5).cpu().numpy(),
+            mask_probs=mask_probs.float().cpu().numpy(),
+            scores=(1.0 - p_void).float().cpu().numpy(),
+            s_iv=s_iv.float().cpu().numpy(),
+            p_void=p_void.float().cpu().numpy(),
+            features=features.cpu().numpy(),
+            oov_valid=None if valid is None else valid.cpu().numpy(),
         )

@@ -34,6 +34,19 @@ class Proposals:
         boxes: ``[N, 4]`` float XYXY boxes in pixels; ``None`` to derive them from the masks.
         s_iv: ``[N, C]`` in-vocabulary class probabilities from a proposer trained on a
             labelled dataset (FC-CLIP's in-vocabulary path, paper §2.2), or ``None``.
+        mask_probs: ``[N, H, W]`` float32 mask probabilities in ``[0, 1]`` (FC-CLIP's sigmoided
+            mask logits), or ``None`` for binary proposals. When given, ``masks`` is
+            ``mask_probs >= 0.5`` and the panoptic merge weighs pixels by these probabilities.
+        p_void: ``[N]`` probability that a proposal is no object (FC-CLIP's void class), or
+            ``None``. When given, final class probabilities are scaled by ``1 − p_void`` and a
+            proposal whose void probability beats every class is dropped.
+        features: ``[N, D]`` unit-norm segment embeddings the proposer computed from its own pass
+            of the *shared* backbone (FC-CLIP pools its CLIP map under its mask logits); the
+            segmenter then scores them (``s_clip``, ``s_ret``) instead of running the backbone
+            again. ``None``: the segmenter pools the backbone's map under ``masks``.
+        oov_valid: ``[N]`` bool, proposals whose mask covers a cell of the CLIP map; where
+            ``False`` the out-of-vocabulary weights are 0 (FC-CLIP's ``ENSEMBLE_ON_VALID_MASK``,
+            used with ResNet CLIPs); ``None``: all valid.
     """
 
     masks: np.ndarray
@@ -42,11 +55,27 @@ class Proposals:
     kept_classes: np.ndarray | None = None
     boxes: np.ndarray | None = None
     s_iv: np.ndarray | None = None
+    mask_probs: np.ndarray | None = None
+    p_void: np.ndarray | None = None
+    features: np.ndarray | None = None
+    oov_valid: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.masks.ndim != 3:
             raise ValueError(f"masks must be [N, H, W], got shape {self.masks.shape}")
         self.masks = self.masks.astype(bool, copy=False)
+        if self.mask_probs is not None:
+            self.mask_probs = np.asarray(self.mask_probs, dtype=np.float32)
+            if self.mask_probs.shape != self.masks.shape:
+                raise ValueError(
+                    f"mask_probs {self.mask_probs.shape} must match masks {self.masks.shape}"
+                )
+        for name in ("p_void", "oov_valid"):
+            value = getattr(self, name)
+            if value is not None and np.asarray(value).reshape(-1).shape[0] != len(self.masks):
+                raise ValueError(f"{len(self.masks)} masks but {np.asarray(value).size} {name}")
+        if self.features is not None and self.features.shape[0] != len(self.masks):
+            raise ValueError(f"{len(self.masks)} masks but {self.features.shape[0]} features")
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
         n = self.masks.shape[0]
         if self.scores.shape[0] != n:
@@ -71,7 +100,18 @@ class Proposals:
             kept_classes=self.kept_classes,
             boxes=None if self.boxes is None else self.boxes[keep],
             s_iv=None if self.s_iv is None else self.s_iv[keep],
+            mask_probs=None if self.mask_probs is None else self.mask_probs[keep],
+            p_void=None if self.p_void is None else self.p_void[keep],
+            features=None if self.features is None else self.features[keep],
+            oov_valid=None if self.oov_valid is None else self.oov_valid[keep],
         )
+
+    @property
+    def soft_masks(self) -> np.ndarray:
+        """``[N, H, W]`` float32 mask probabilities: ``mask_probs``, or the binary masks as 0/1."""
+        if self.mask_probs is not None:
+            return self.mask_probs
+        return self.masks.astype(np.float32)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -100,6 +140,12 @@ class MaskProposer(abc.ABC):
     name: str = ""
     #: Whether :meth:`propose` gives a class hint per mask (it can then label database rows).
     gives_class_hints: bool = False
+    #: Whether :meth:`propose` takes ``text_embeddings`` (the segmenter's classifier of the
+    #: vocabulary, so a proposer that classifies never re-embeds it).
+    uses_text_embeddings: bool = False
+    #: Pooling rule of the ``features`` the proposer returns (``None``: it returns none); a
+    #: database queried with them must have been built with the same rule.
+    feature_pooling: str | None = None
 
     @abc.abstractmethod
     def propose(

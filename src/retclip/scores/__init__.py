@@ -1,7 +1,7 @@
 """Per-mask class scores of the three classification paths and their ensemble (paper §2.2)."""
 
 from retclip.scores.clip import clip_scores
-from retclip.scores.ensemble import CombineMode, ensemble
+from retclip.scores.ensemble import CombineMode, ensemble, final_probs
 from retclip.scores.retrieval import (
     LabelMatch,
     Retriever,
@@ -17,6 +17,7 @@ __all__ = [
     "Retriever",
     "clip_scores",
     "ensemble",
+    "final_probs",
     "label_votes",
     "match_labels",
     "retrieval_scores",

@@ -153,6 +153,8 @@ class Retriever:
 
     Label matches (and the text embeddings of database labels they need) are computed once per
     vocabulary and database state, so segmenting many images costs one search per image.
+    ``pooling`` is the query features' pooling rule; a database built with another rule (or
+    another backbone recipe) is refused.
     """
 
     def __init__(
@@ -163,12 +165,13 @@ class Retriever:
         *,
         k: int = DEFAULT_K,
         embedding_match: bool = True,
+        pooling: str | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         for db in (database, fallback):
             if db is not None:
-                db.check_compatible(backbone.fingerprint, backbone.dim)
+                db.check_compatible(backbone.fingerprint, backbone.dim, pooling=pooling)
         self.backbone = backbone
         self.databases = [db for db in (database, fallback) if db is not None]
         self.k = k
@@ -204,7 +207,12 @@ class Retriever:
         return self._matches[key]
 
     def scores(
-        self, features: torch.Tensor, vocab: Vocabulary, class_embeddings: ClassEmbeddings
+        self,
+        features: torch.Tensor,
+        vocab: Vocabulary,
+        class_embeddings: ClassEmbeddings,
+        *,
+        kept: np.ndarray | None = None,
     ) -> torch.Tensor:
         """``s_ret [N, C]`` for ``[N, D]`` L2-normalised segment features.
 
@@ -212,9 +220,15 @@ class Retriever:
         serves every class it has a label for, the fallback the classes left), and the ``k``
         nearest rows over all of them are ranked together, so a fallback row competes with primary
         rows on distance, as if the fallback's samples had been added to the primary database.
+
+        ``kept`` (``[C]`` bool) are the classes the proposer kept for this image (paper §2.2:
+        absent classes are pruned *before* scoring): rows of pruned classes are not searched, so
+        they neither take neighbour slots nor set the min-max range, and pruned classes score 0.
         """
         n, c = features.shape[0], len(vocab)
-        remaining = np.ones(c, dtype=bool)
+        remaining = np.ones(c, dtype=bool) if kept is None else np.asarray(kept, dtype=bool).copy()
+        if remaining.shape != (c,):
+            raise ValueError(f"kept must be [{c}] bool, got shape {remaining.shape}")
         queries = features.detach().float().cpu().numpy()
         all_similarities: list[torch.Tensor] = []
         all_votes: list[torch.Tensor] = []

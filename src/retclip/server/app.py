@@ -676,7 +676,7 @@ class RescoreRequest(BaseModel):
     alpha: float | None = None
     beta: float | None = None
     gamma: float | None = None
-    combine: Literal["linear", "geometric"] | None = None
+    combine: Literal["linear", "fcclip"] | None = None
     score_threshold: float | None = None
     overlap_threshold: float | None = None
     images: ImagesMode = "base64"
@@ -871,7 +871,7 @@ def create_app(
         alpha: Annotated[float | None, Form()] = None,
         beta: Annotated[float | None, Form()] = None,
         gamma: Annotated[float | None, Form()] = None,
-        combine: Annotated[Literal["linear", "geometric"] | None, Form()] = None,
+        combine: Annotated[Literal["linear", "fcclip"] | None, Form()] = None,
         score_threshold: Annotated[float | None, Form()] = None,
         overlap_threshold: Annotated[float | None, Form()] = None,
         images: Annotated[ImagesMode, Form()] = "base64",

@@ -107,9 +107,10 @@ def _save_open_clip(directory: Path, model_cfg: dict, seed: int) -> Path:
 _TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}
 
 
-def save_tiny_open_clip_convnext(directory: Path, *, seed: int = 0, image_size: int = 64) -> Path:
-    """OpenCLIP config as ``convnext_large_d_320`` (timm trunk, avg pool, MLP head) but tiny."""
-    cfg = {
+def tiny_convnext_cfg(image_size: int = 64) -> dict:
+    """OpenCLIP ``model_cfg`` as ``convnext_large_d_320`` (timm trunk, avg pool, MLP head) but
+    tiny: the architecture of the FC-CLIP fixtures too."""
+    return {
         "embed_dim": 16,
         "vision_cfg": {
             "timm_model_name": TINY_CONVNEXT,
@@ -122,7 +123,11 @@ def save_tiny_open_clip_convnext(directory: Path, *, seed: int = 0, image_size: 
         },
         "text_cfg": _TEXT_CFG,
     }
-    return _save_open_clip(directory, cfg, seed)
+
+
+def save_tiny_open_clip_convnext(directory: Path, *, seed: int = 0, image_size: int = 64) -> Path:
+    """OpenCLIP config as ``convnext_large_d_320`` (timm trunk, avg pool, MLP head) but tiny."""
+    return _save_open_clip(directory, tiny_convnext_cfg(image_size), seed)
 
 
 def save_tiny_open_clip_resnet(directory: Path, *, seed: int = 0, image_size: int = 64) -> Path:

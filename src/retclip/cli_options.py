@@ -87,6 +87,7 @@ PROPOSER_OPTIONS = {
     "pred_iou_threshold": "pred_iou_threshold",
     "stability_threshold": "stability_threshold",
     "fcclip_checkpoint": "checkpoint",
+    "fcclip_config": "config",
 }
 
 
@@ -138,6 +139,12 @@ def model_options(*, backbone_required: bool = True) -> list[Callable[[Any], Any
             help="fcclip: fcclip_cocopan.pth or its converted .safetensors.",
         ),
         click.option(
+            "--fcclip-config",
+            type=click.Path(path_type=Path),
+            help="fcclip: JSON of the head's architecture (FCCLIPConfig fields) [default: the "
+            "released model's for the backbone].",
+        ),
+        click.option(
             "--dtype",
             type=click.Choice(["float32", "float16", "bfloat16"]),
             help="Model weights' dtype (half precision on CUDA only).",
@@ -178,9 +185,23 @@ ensemble_options = [
     ),
     click.option("--score-threshold", default=0.0, show_default=True, help="Panoptic merge."),
     click.option("--overlap-threshold", default=0.8, show_default=True, help="Panoptic merge."),
+    click.option(
+        "--max-instances",
+        default=100,
+        show_default=True,
+        help="Instance results: top-k (mask, class) pairs (FC-CLIP's DETECTIONS_PER_IMAGE).",
+    ),
 ]
 #: The ensemble option names, as :class:`retclip.segmenter.Settings` fields.
-ENSEMBLE_FIELDS = ("alpha", "beta", "gamma", "combine", "score_threshold", "overlap_threshold")
+ENSEMBLE_FIELDS = (
+    "alpha",
+    "beta",
+    "gamma",
+    "combine",
+    "score_threshold",
+    "overlap_threshold",
+    "max_instances",
+)
 
 
 def resolve_recipe(proposer: str | None, options: dict[str, Any]) -> None:

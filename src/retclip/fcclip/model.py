@@ -18,7 +18,9 @@ A class's logit is the maximum over its synonyms (``ClassEmbeddings.cosine``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from retclip.backbones.preprocessing import (
     resize_size,
 )
 from retclip.backbones.preprocessing import fcclip_preprocess as preprocess
+from retclip.errors import InputError
 from retclip.fcclip.pixel_decoder import PixelDecoder
 from retclip.fcclip.transformer_decoder import TransformerDecoder
 from retclip.text_embeddings import ClassEmbeddings
@@ -82,6 +85,33 @@ class FCCLIPConfig:
     gn_groups: int = 32
     #: Ensemble only on queries whose mask covers a cell of the CLIP map (FC-CLIP's ResNets).
     ensemble_on_valid_mask: bool = False
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FCCLIPConfig:
+        """A config from a JSON object of field values (others keep their defaults).
+
+        Raises:
+            InputError: the file is missing, not a JSON object, or names an unknown field.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"FC-CLIP config not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"FC-CLIP config {path} is not readable JSON ({exc})") from None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - set(fields):
+            unknown = sorted(set(data) - set(fields)) if isinstance(data, dict) else data
+            raise InputError(
+                f"FC-CLIP config {path}: expected an object with fields of {', '.join(fields)}; "
+                f"got {unknown!r}"
+            )
+        if "in_channels" in data:
+            data["in_channels"] = tuple(data["in_channels"])
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise InputError(f"FC-CLIP config {path}: {exc}") from None
 
     @classmethod
     def reduced(
@@ -228,11 +258,13 @@ class FCCLIP(nn.Module):
         visual = self.clip_model.visual
         feats = []
         if self.kind == "convnext":
+            # contiguous like the original's: a strided (channels-last) map makes the next 1×1
+            # convolution take another kernel, whose rounding differs by ~1e-5
             x = visual.trunk.stem(pixels)
             for stage in visual.trunk.stages:
                 x = stage(x)
-                feats.append(x)
-            return feats, visual.trunk.norm_pre(x)
+                feats.append(x.contiguous())
+            return feats, visual.trunk.norm_pre(x).contiguous()
         x = visual.act1(visual.bn1(visual.conv1(pixels)))
         x = visual.act2(visual.bn2(visual.conv2(x)))
         x = visual.avgpool(visual.act3(visual.bn3(visual.conv3(x))))

@@ -51,8 +51,8 @@ class FcclipProposer(MaskProposer):
         backbone: retclip backbone name (``convnext-l``, ``rn50x64``, an OpenCLIP directory),
             built with FC-CLIP's input recipe, or an :class:`OpenClipBackbone` built with
             ``preprocessing="fcclip"`` (the segmenter's); the checkpoint's CLIP must equal it.
-        config: head architecture; default by backbone kind (:data:`CONVNEXT_LARGE` /
-            :data:`RN50X64`).
+        config: head architecture, or a JSON file of its fields; default by backbone kind
+            (:data:`CONVNEXT_LARGE` / :data:`RN50X64`, the released models).
         vocabulary: builtin name or file whose synonyms complete class names given as plain
             strings when no vocabulary is passed to :meth:`propose`.
         backbone_check: ``"verify"`` (default) the checkpoint's CLIP weights against the
@@ -73,7 +73,7 @@ class FcclipProposer(MaskProposer):
         checkpoint: str | Path | None = None,
         *,
         backbone: str | OpenClipBackbone = "convnext-l",
-        config: FCCLIPConfig | None = None,
+        config: FCCLIPConfig | str | Path | None = None,
         vocabulary: str | None = None,
         backbone_check: Literal["load", "verify", "skip"] = "verify",
         device: str = "auto",
@@ -109,6 +109,8 @@ class FcclipProposer(MaskProposer):
         self.backbone = backbone
         if config is None:
             config = RN50X64 if backbone.kind == "resnet" else CONVNEXT_LARGE
+        elif not isinstance(config, FCCLIPConfig):
+            config = FCCLIPConfig.from_json(config)
         self.model = FCCLIP(config, backbone.model).to(backbone.device).eval()
         self.report = load_fcclip_weights(
             self.model, load_weights(checkpoint), backbone=backbone_check

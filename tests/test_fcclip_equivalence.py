@@ -255,3 +255,25 @@ def test_text_classifier_is_the_originals(files, data, tmp_path, monkeypatch) ->
     np.testing.assert_array_equal(text.synonym_class.numpy(), data["synonym_class"])
     np.testing.assert_allclose(text.synonym_embeddings.numpy(), data["text"], atol=1e-6)
     assert F.normalize(text.synonym_embeddings, dim=-1).isfinite().all()
+
+
+def test_a_database_built_with_fcclips_recipe_serves_its_queries(
+    files, scenes, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("RETCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    json_path, images = scenes["db"]
+    db = tmp_path / "db"
+    build = [
+        "db", "build", str(db), "--coco-panoptic", str(json_path), "--images", str(images),
+        "--backbone", str(files["clip"]), "--recipe", "fcclip", "--device", "cpu",
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli, build, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(cli, ["db", "info", str(db), "--json"], catch_exceptions=False)
+    meta = json.loads(info.output)
+    assert meta["pooling"] == "binary"  # FC-CLIP's binarised rule, implied by the recipe
+    assert meta["fingerprint"]["preprocessing"] == "fcclip:short800/max1333/pad32"
+    out, result = invoke(files, 0.8, "--db", str(db))
+    assert result.exit_code == 0, result.output
+    _, scores = scores_of(out)
+    assert scores.s_ret is not None and scores.s_ret.shape == (10, C)

@@ -311,6 +311,7 @@ def db_info(path: Path, as_json: bool) -> None:
     fingerprint = info["fingerprint"]
     click.echo(f"database     {path}")
     click.echo(f"backbone     {', '.join(f'{k}={v}' for k, v in fingerprint.items() if v)}")
+    click.echo(f"pooling      {info['pooling'] or 'not recorded'}")
     click.echo(f"rows         {info['rows']} ({info['dtype']}, dim {info['dim']})")
     click.echo(f"index        {info['index']}")
     click.echo(f"classes      {len(info['rows_per_class'])}")

@@ -147,13 +147,14 @@ class OpenClipBackbone(Backbone):
         return (*resized, *padded_size(*resized))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` RGB in [0, 255] → resized, normalised ``[B, 3, H', W']``."""
+        """``[B, 3, H, W]`` RGB in [0, 255] → resized, normalised ``[B, 3, H', W']`` (with
+        ``"fcclip"``: FC-CLIP's resize, then zero padding to multiples of 32)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         if self.preprocessing == "fcclip":
-            frame = self.frame(int(images.shape[2]), int(images.shape[3]))
-            assert frame is not None
-            size = (frame[0], frame[1])
+            size = resize_size(
+                int(images.shape[2]), int(images.shape[3]), self.resolution, self.max_size
+            )
             uint8 = images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
             batch = [fcclip_preprocess(img.numpy(), size, self.device)[0] for img in uint8]
             return torch.cat(batch).to(self.dtype)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +34,18 @@ class ColourProposer(MaskProposer):
     name = "test-colour"
     gives_class_hints = True
 
-    def propose(self, image, classes=None, *, source=None, vocabulary=None) -> Proposals:
+    def propose(self, image, vocabulary, text_embeddings=None) -> Proposals:
         names = list(COLOUR_PROTOTYPES)
         prototypes = np.array(list(COLOUR_PROTOTYPES.values()), dtype=float)
-        nearest = ((image[:, :, None, :] - prototypes) ** 2).sum(-1).argmin(-1)  # [H, W]
+        pixels = image.pixels
+        nearest = ((pixels[:, :, None, :] - prototypes) ** 2).sum(-1).argmin(-1)  # [H, W]
         masks, hints = [], []
-        for i, label in enumerate(classes or []):
+        for i, label in enumerate(vocabulary.names):
             mask = nearest == names.index(LABEL_COLOURS[label])
             if mask.any():
                 masks.append(mask)
                 hints.append(i)
-        stacked = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), bool)
+        stacked = np.stack(masks) if masks else np.zeros((0, *image.size), bool)
         return Proposals(stacked, np.full(len(masks), 0.9), class_hints=np.array(hints))
 
 
@@ -124,10 +124,8 @@ def test_proposer_without_class_hints_cannot_label_rows(scenes, tmp_path) -> Non
     class Agnostic(MaskProposer):
         name = "agnostic"
 
-        def propose(
-            self, image, classes: Sequence[str] | None = None, *, source=None, vocabulary=None
-        ):
-            return Proposals(np.ones((1, *image.shape[:2]), bool), np.ones(1))
+        def propose(self, image, vocabulary, text_embeddings=None):
+            return Proposals(np.ones((1, *image.size), bool), np.ones(1))
 
     dataset = CocoPanopticDataset(*scenes["db"])
     with pytest.raises(InputError, match="class-prompted"):

@@ -35,8 +35,8 @@ def scene_db(scenes, tmp_path_factory) -> FeatureDatabase:
 class PruningProposer(GroundTruthProposer):
     """Ground-truth masks that keep only the classes present in the image (as a detector would)."""
 
-    def propose(self, image, classes=None, *, source=None, vocabulary=None) -> Proposals:
-        proposals = super().propose(image, classes, source=source, vocabulary=vocabulary)
+    def propose(self, image, vocabulary, text_embeddings=None) -> Proposals:
+        proposals = super().propose(image, vocabulary, text_embeddings)
         assert proposals.class_hints is not None
         proposals.kept_classes = np.unique(proposals.class_hints)
         return proposals

@@ -17,6 +17,7 @@ from retclip.database import FeatureDatabase
 from retclip.database.build import build_database, items_from_labels_file
 from retclip.database.captions import items_from_captions, label_synonyms
 from retclip.errors import InputError, ModelUnavailableError
+from retclip.images import SourceImage
 from retclip.proposers import load_proposer
 from retclip.proposers.grounded_sam import (
     GroundedSamProposer,
@@ -86,7 +87,7 @@ def test_boxes_take_the_best_class_above_both_thresholds() -> None:
 
 def test_classes_without_a_box_are_pruned(tiny) -> None:
     none = GroundedSamProposer(str(tiny["gd"]), str(tiny["sam"]), box_threshold=1.0, **FAST)
-    empty = none.propose(image(), ["cat", "dog", "car"])
+    empty = none.propose(SourceImage(image()), Vocabulary.from_string("cat, dog, car"))
     assert len(empty) == 0 and empty.kept_classes is not None and len(empty.kept_classes) == 0
     assert empty.masks.shape == (0, 48, 64) and empty.class_hints is not None
 
@@ -94,7 +95,7 @@ def test_classes_without_a_box_are_pruned(tiny) -> None:
         str(tiny["gd"]), str(tiny["sam"]), box_threshold=0.0, text_threshold=0.0, **FAST
     )
     found = some.detector.detect(image(), ["cat", "dog", "car"])
-    result = some.propose(image(), ["cat", "dog", "car"])
+    result = some.propose(SourceImage(image()), Vocabulary.from_string("cat, dog, car"))
     assert result.kept_classes is not None and result.class_hints is not None
     assert set(result.kept_classes.tolist()) == set(found.labels.tolist())
     assert set(result.class_hints.tolist()) <= set(result.kept_classes.tolist())
@@ -117,11 +118,13 @@ def test_sam_encodes_each_image_once_and_decodes_boxes_in_batches(tiny) -> None:
         mask_nms_iou=1.0,
         **FAST,
     )
+    proposer.sam.prompt_batch = 16  # boxes of the 150 prompts fill several decoder batches
     encoder = count_calls(proposer.sam.model.vision_encoder)
     decoder = count_calls(proposer.sam.model.mask_decoder)
     detector = count_calls(proposer.detector.model)
-    names = Vocabulary.builtin("ade20k-150").names  # several prompts, one detector batch
-    result = proposer.propose(image(1), names)
+    vocab = Vocabulary.builtin("ade20k-150")  # several prompts, one detector batch
+    names = [entry.synonyms[0] for entry in vocab.classes]  # what the proposer prompts with
+    result = proposer.propose(SourceImage(image(1)), vocab)
     boxes = len(proposer.detector.detect(image(1), names).boxes)
     assert boxes > proposer.sam.prompt_batch  # several decoder batches
     batches = -(-boxes // proposer.sam.prompt_batch)

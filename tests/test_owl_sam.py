@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retclip.images import SourceImage
 from retclip.proposers import load_proposer
 from retclip.proposers.owl_sam import OwlSamProposer
+from retclip.vocabulary import Vocabulary
 from tiny_detectors import save_owlv2, save_sam
 
 CLASSES = ["cat", "dog", "car"]
+VOCAB = Vocabulary.from_string(", ".join(CLASSES))
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +46,11 @@ def test_owl_sam_gives_hinted_masks_and_prunes(tiny) -> None:
         min_area=0,
         device="cpu",
     )
-    result = keep_all.propose(image(), CLASSES)
+    result = keep_all.propose(SourceImage(image()), VOCAB)
     assert result.class_hints is not None and result.kept_classes is not None
     assert len(result) >= 1 and result.masks.shape[1:] == (36, 60)
     assert set(result.class_hints.tolist()) <= set(result.kept_classes.tolist()) <= {0, 1, 2}
 
     none = OwlSamProposer(str(tiny["owl"]), str(tiny["sam"]), box_threshold=1.0, device="cpu")
-    empty = none.propose(image(), CLASSES)
+    empty = none.propose(SourceImage(image()), VOCAB)
     assert len(empty) == 0 and empty.kept_classes is not None and len(empty.kept_classes) == 0

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from retclip.images import SourceImage
 from retclip.proposers import load_proposer
 from retclip.proposers.mask_ops import mask_iou, mask_nms, stability_score
 from retclip.proposers.sam_grid import SamGridProposer, point_grid
+from retclip.vocabulary import Vocabulary
 from tiny_detectors import save_sam
 
 
@@ -64,7 +66,7 @@ def test_grid_is_class_agnostic_and_batches_points(sam_dir) -> None:
     encoder, decoder = [0], [0]
     proposer.sam.model.vision_encoder.register_forward_hook(lambda *_: encoder.append(1))
     proposer.sam.model.mask_decoder.register_forward_hook(lambda *_: decoder.append(1))
-    result = proposer.propose(image(), ["ignored"])
+    result = proposer.propose(SourceImage(image()), Vocabulary.from_string("ignored"))
     assert (sum(encoder), sum(decoder)) == (1, 4)  # 25 points in batches of 8
     assert result.class_hints is None and result.kept_classes is None
     assert result.masks.shape[1:] == (40, 56) and 0 < len(result) <= 75
@@ -77,7 +79,7 @@ def test_grid_filters_drop_masks(sam_dir) -> None:
         proposer = load_proposer(
             "sam-grid", sam=str(sam_dir), points_per_side=4, mask_nms_iou=1.0, **settings
         )
-        return proposer.propose(image()).scores
+        return proposer.propose(SourceImage(image()), Vocabulary.from_string("x")).scores
 
     everything = run()
     median_iou = float(np.median(everything))

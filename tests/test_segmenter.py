@@ -181,15 +181,17 @@ def test_images_of_one_size_share_one_backbone_pass(scenes, scene_db, monkeypatc
         np.testing.assert_array_equal(a.panoptic, b.panoptic)
 
 
-def test_proposers_get_first_synonyms_and_the_full_vocabulary(scenes) -> None:
+def test_proposers_get_the_vocabulary_its_text_embeddings_and_the_source(scenes) -> None:
     val = CocoPanopticDataset(*scenes["val"])
     seen = {}
 
     class Recording(GroundTruthProposer):
-        def propose(self, image, classes=None, *, source=None, vocabulary=None):
-            seen.update(classes=list(classes), vocabulary=vocabulary)
-            return super().propose(image, classes, source=source, vocabulary=vocabulary)
+        def propose(self, image, vocabulary, text_embeddings=None):
+            seen.update(image=image, vocabulary=vocabulary, text=text_embeddings)
+            return super().propose(image, vocabulary, text_embeddings)
 
-    Segmenter("color", Recording(val))(val.image_path(0), "apple|red apple, banana, sky, grass")
-    assert seen["classes"] == ["apple", "banana", "sky", "grass"]
+    segmenter = Segmenter("color", Recording(val))
+    segmenter(val.image_path(0), "apple|red apple, banana, sky, grass")
     assert seen["vocabulary"].classes[0].synonyms == ("apple", "red apple")
+    assert seen["text"] is segmenter.class_embeddings(seen["vocabulary"])  # embedded once
+    assert seen["image"].source == str(val.image_path(0))

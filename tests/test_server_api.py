@@ -6,8 +6,9 @@ import asyncio
 import base64
 import io
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -289,18 +290,11 @@ class _GatedProposer(MaskProposer):
         self.gate = threading.Semaphore(0)
         self.fail = fail
 
-    def propose(
-        self,
-        image: np.ndarray,
-        classes: Sequence[str] | None = None,
-        *,
-        source: object = None,
-        vocabulary: object = None,
-    ) -> Proposals:
+    def propose(self, image: Any, vocabulary: Any, text_embeddings: Any = None) -> Proposals:
         if self.fail:
             raise RuntimeError("secret internal detail /home/user/model.bin")
         self.gate.acquire(timeout=30)
-        return Proposals(masks=np.ones((1, *image.shape[:2]), bool), scores=np.ones(1))
+        return Proposals(masks=np.ones((1, *image.size), bool), scores=np.ones(1))
 
 
 def test_internal_error_shows_no_traceback(tmp_path: Path, scenes: list[np.ndarray]) -> None:

@@ -10,9 +10,11 @@ from PIL import Image
 
 from retclip.cli import cli
 from retclip.datasets import CocoPanopticDataset
+from retclip.images import SourceImage
 from retclip.proposers.regions import RegionsProposer
 from retclip.toyworld.dataset import toy_vocabulary
 from retclip.toyworld.world import CATEGORIES, STUFF, THINGS, generate_scenes
+from retclip.vocabulary import Vocabulary
 
 
 def test_scenes_are_deterministic_and_splits_disjoint() -> None:
@@ -67,7 +69,7 @@ def test_regions_proposer_recovers_flat_regions() -> None:
     truth[1, :, 32:] = True
     truth[:2, 20:40, 10:25] = False
     truth[2, 20:40, 10:25] = True
-    proposals = RegionsProposer().propose(image)
+    proposals = RegionsProposer().propose(SourceImage(image), Vocabulary.from_string("thing"))
     assert (proposals.masks.sum(0) <= 1).all()  # regions do not overlap
     inter = (truth[:, None] & proposals.masks[None]).sum((2, 3))
     union = (truth[:, None] | proposals.masks[None]).sum((2, 3))

@@ -16,6 +16,8 @@ Conversions (after applying the EXIF orientation; multi-frame files give their f
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retclip.errors import InputError
+from retclip.files import atomic_write
 
 __all__ = ["image_to_tensor", "load_image"]
 
@@ -89,6 +92,36 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceImage:
+    """An image to segment: its pixels and, when it came from a file, where from.
+
+    Attributes:
+        pixels: ``[H, W, 3]`` uint8 RGB.
+        source: the file it was read from (ground-truth look-ups, outputs' names), or ``None``.
+    """
+
+    pixels: np.ndarray
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
+            raise InputError(
+                f"image must be [H, W, 3] uint8 RGB, got shape {self.pixels.shape} "
+                f"{self.pixels.dtype}"
+            )
+
+    @classmethod
+    def read(cls, path: str | Path) -> SourceImage:
+        """The image file at ``path`` (:func:`load_image`)."""
+        return cls(load_image(path), str(path))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as an upright RGB array.
 
@@ -138,3 +171,15 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an [H, W, 3] RGB image, got shape {tuple(image.shape)}")
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(torch.float32)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` (``[H, W]`` or ``[H, W, 3]``, uint8/uint16) encoded as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` as a PNG at ``path`` atomically (never a half-written image)."""
+    atomic_write(path, png_bytes(array))

@@ -10,11 +10,9 @@ results with RLE masks) and ``<stem>_overlay.png``.
 from __future__ import annotations
 
 import colorsys
-import io
 import json
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_util
 
 from retclip.errors import InputError
+from retclip.files import temp_path
+from retclip.images import png_bytes
 from retclip.panoptic import PanopticPrediction, Segment, semantic_void_value
 
 __all__ = [
@@ -235,12 +235,6 @@ def render_overlay(
     return np.asarray(canvas)
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
 
@@ -332,11 +326,11 @@ def _render_all(
         raise ValueError(f"semantic labels must lie in [0, {void}], got {semantic.max()}")
     overlay = render_overlay(image, panoptic, prediction.segments, class_names)
     return {
-        "panoptic_png": _png_bytes(id2rgb(panoptic)),
+        "panoptic_png": png_bytes(id2rgb(panoptic)),
         "panoptic_json": _json_bytes(panoptic_json),
-        "semantic_png": _png_bytes(semantic_png),
+        "semantic_png": png_bytes(semantic_png),
         "instances_json": _json_bytes(instances),
-        "overlay_png": _png_bytes(overlay),
+        "overlay_png": png_bytes(overlay),
     }
 
 
@@ -406,7 +400,7 @@ def write_outputs(
     placed: list[Path] = []
     try:
         for key, data in contents.items():
-            temp = out_dir / f".{targets[key].name}.{secrets.token_hex(6)}.tmp"
+            temp = temp_path(targets[key])
             # os.open with 0o666 honours the umask (mkstemp would make the results 0600).
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             temps[key] = temp

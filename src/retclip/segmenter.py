@@ -38,7 +38,8 @@ from retclip.backbones.base import Backbone
 from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.database import FeatureDatabase
 from retclip.errors import InputError
-from retclip.images import image_to_tensor, load_image
+from retclip.files import atomic_writer
+from retclip.images import SourceImage, image_to_tensor, load_image
 from retclip.outputs import write_outputs
 from retclip.panoptic import PanopticPrediction, Segment, postprocess
 from retclip.pooling import PoolingMode, features_from_dense
@@ -255,10 +256,8 @@ def save_scores(
     }
     if proposals.mask_probs is not None:  # soft masks (FC-CLIP), kept exact for re-scoring
         arrays["mask_probs"] = proposals.mask_probs
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_writer(path) as handle:
         np.savez_compressed(handle, allow_pickle=False, **arrays)
-    tmp.replace(path)
 
 
 def load_scores(path: Path) -> tuple[Proposals, MaskScores]:
@@ -441,16 +440,8 @@ class Segmenter:
         pixels, path = as_image(image)
         vocab = as_vocabulary(classes)
         source_name = str(source) if source is not None else path
-        # class-prompted proposers get each class's first synonym: display names of built-in
-        # vocabularies can be WordNet lists ("road, route") that read badly as prompts
-        prompts = [entry.synonyms[0] for entry in vocab.classes]
         text = self.class_embeddings(vocab)
-        extra: dict[str, Any] = (
-            {"text_embeddings": text} if self.proposer.uses_text_embeddings else {}
-        )
-        proposals = self.proposer.propose(
-            pixels, prompts, source=source_name, vocabulary=vocab, **extra
-        )
+        proposals = self.proposer.propose(SourceImage(pixels, source_name), vocab, text)
         return PreparedImage(
             pixels=pixels, vocabulary=vocab, text=text, proposals=proposals, source=source_name
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from retclip.backbones.base import Backbone
 from retclip.errors import InputError
+from retclip.files import atomic_writer
 from retclip.vocabulary import Vocabulary
 
 #: Bumped when the cached content or its computation changes.
@@ -207,23 +207,15 @@ def _read_cache(path: Path, synonyms: Sequence[str]) -> np.ndarray | None:
 
 
 def _write_cache(path: Path, array: np.ndarray, synonyms: Sequence[str]) -> None:
-    """Write atomically (temp file + ``os.replace``); warn and go on if the folder is unwritable."""
-    tmp_name: str | None = None
+    """Write atomically (:func:`retclip.files.atomic_writer`); warn and go on if the folder is
+    unwritable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp_name = handle.name
+        with atomic_writer(path) as handle:
             np.savez(handle, embeddings=array, synonyms=np.array(synonyms, dtype=str))
-        os.replace(tmp_name, path)
-        tmp_name = None
     except OSError as exc:
         warnings.warn(
             f"cannot write text-embedding cache '{path}' ({exc}); continuing without caching",
             RuntimeWarning,
             stacklevel=3,
         )
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)

@@ -28,9 +28,10 @@ from retclip.backbones.base import Backbone
 from retclip.database.store import FeatureDatabase
 from retclip.datasets.coco_panoptic import CocoPanopticDataset
 from retclip.errors import InputError
-from retclip.images import load_image
+from retclip.images import SourceImage, load_image
 from retclip.pooling import PoolingMode, segment_features
 from retclip.proposers.base import MaskProposer
+from retclip.vocabulary import VocabClass, Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,8 @@ def build_database(
             areas: list[np.ndarray] = []
             scores: list[np.ndarray] = []
             for item, image in zip(batch, images, strict=True):
-                proposals = proposer.propose(image, item.labels, source=item.source)
+                vocabulary = Vocabulary([VocabClass(label) for label in item.labels])
+                proposals = proposer.propose(SourceImage(image, item.source), vocabulary)
                 if proposals.class_hints is None:
                     raise InputError(
                         f"proposer {proposer.name!r} gives no class per mask, so its masks "

@@ -10,10 +10,8 @@ and :func:`save_index` / :func:`load_index` persist it atomically.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import faiss
 import numpy as np
 
 from retclip.errors import DatabaseError, InputError
+from retclip.files import file_sha256, fsync_dir, temp_path
 
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-pq", "hnsw", "auto")
 #: FAISS k-means wants at least this many training points per centroid.
@@ -295,41 +294,13 @@ def search_index(
     return sims, ids
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (a rename) durable; a no-op where unsupported."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    """A unique hidden temp name next to ``path`` (same filesystem, so ``os.replace`` is atomic)."""
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-
-
-def file_sha256(path: Path | str) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_index(index: faiss.Index, path: Path | str) -> str:
     """Write ``index`` to ``path`` atomically (temp file in the same directory, fsync, replace).
 
     Returns the file's SHA-256, which the database records to detect a corrupt index file later.
     """
     path = Path(path)
-    tmp_name = str(temp_path(path))
+    tmp_name = str(temp_path(path))  # FAISS writes by file name
     try:
         faiss.write_index(index, tmp_name)
         with open(tmp_name, "rb+") as handle:

@@ -18,7 +18,7 @@ Directory format (``format_version`` 1)::
                            build_ids   [n] unicode, the build that added the row
       index.faiss        the persisted FAISS index (not written for "flat": rebuilding an exact
                          index is a copy of the features, and persisting it would double the disk)
-      .lock              flock(2) file serialising writers
+      .lock              lock file serialising writers (filelock: flock(2) on Unix)
 
 ``meta.json`` holds ``format_version``, ``fingerprint`` (the backbone's, see
 :class:`~retclip.backbones.base.BackboneFingerprint`: model, preprocessing and resolution),
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import json
 import os
 import re
@@ -57,7 +56,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +64,16 @@ import faiss
 import numpy as np
 
 from retclip.backbones.base import BackboneFingerprint
-from retclip.database.index import (
-    IndexSpec,
-    build_index,
+from retclip.database.index import IndexSpec, build_index, load_index, save_index, search_index
+from retclip.errors import DatabaseError, DatabaseMismatchError, InputError
+from retclip.files import (
+    LockUnavailable,
+    atomic_write,
+    atomic_writer,
+    file_lock,
     file_sha256,
     fsync_dir,
-    load_index,
-    save_index,
-    search_index,
-    temp_path,
 )
-from retclip.errors import DatabaseError, DatabaseMismatchError, InputError
 
 FORMAT_VERSION = 1
 METRIC = "inner_product"
@@ -152,31 +150,17 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write ``path`` via ``write(handle)`` on a temp file in the same directory, fsync, replace."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def _write_meta(db_path: Path, meta: dict[str, Any]) -> None:
     text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    _write_atomic(db_path / META_NAME, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(db_path / META_NAME, text, durable=True)
 
 
 def _write_shard(shard_dir: Path, number: int, rows: _Rows) -> dict[str, Any]:
     """Write ``rows`` as shard ``number`` atomically; returns its meta.json entry (sans builds)."""
     name = f"{number:06d}.npz"
     arrays = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
-    _write_atomic(shard_dir / name, lambda handle: np.savez(handle, **arrays))
+    with atomic_writer(shard_dir / name, durable=True) as handle:
+        np.savez(handle, **arrays)
     path = shard_dir / name
     return {
         "file": name,
@@ -188,19 +172,15 @@ def _write_shard(shard_dir: Path, number: int, rows: _Rows) -> dict[str, Any]:
 
 @contextmanager
 def _locked(db_path: Path) -> Iterator[None]:
-    """Hold the database's exclusive writer lock."""
-    try:
-        fd = os.open(db_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as error:
-        raise DatabaseError(
-            f"cannot write to feature database {db_path}: {error.strerror}"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    """Hold the database's exclusive writer lock (``.lock``, across processes)."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(db_path / LOCK_NAME))
+        except LockUnavailable as error:
+            raise DatabaseError(
+                f"cannot write to feature database {db_path}: {error.reason}"
+            ) from None
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _corrupt(meta_path: Path, what: str) -> DatabaseError:

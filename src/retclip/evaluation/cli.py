@@ -378,10 +378,13 @@ def sweep_command(cache_dir: Path, **o: Any) -> None:
     if o["out"] is not None:
         out: Path = o["out"]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.json").write_text(
-            json.dumps({"rows": rows, "best": best, "metric": key}, indent=2) + "\n"
+        from retclip.files import atomic_write
+
+        atomic_write(
+            out / "sweep.json",
+            json.dumps({"rows": rows, "best": best, "metric": key}, indent=2) + "\n",
         )
-        (out / "sweep.md").write_text(table + "\n" + summary + "\n")
+        atomic_write(out / "sweep.md", table + "\n" + summary + "\n")
 
 
 def _fmt(value: float | None) -> str:

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from retclip.evaluation.mask_ap import MaskAPAccumulator
 from retclip.evaluation.panoptic_quality import PQStats, SegmentsInfo, pq_image, pq_per_class
 from retclip.evaluation.panoptic_quality import pq_summary as _pq_summary
 from retclip.evaluation.semantic import SemanticConfusion
+from retclip.files import atomic_write
 from retclip.vocabulary import Vocabulary
 
 __all__ = ["Evaluator", "markdown_table", "write_report"]
@@ -155,12 +155,6 @@ def markdown_table(metrics: Mapping[str, Any], method: str, backbone: str, datab
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(
     out_dir: Path,
     metrics: Mapping[str, Any],
@@ -180,15 +174,15 @@ def write_report(
         "csv": out_dir / "per_class.csv",
     }
     content = {**metrics, "run": dict(extra or {})}
-    _atomic_write(paths["json"], json.dumps(content, indent=2, allow_nan=False) + "\n")
-    _atomic_write(paths["markdown"], markdown_table(metrics, method, backbone, database))
+    atomic_write(paths["json"], json.dumps(content, indent=2, allow_nan=False) + "\n")
+    atomic_write(paths["markdown"], markdown_table(metrics, method, backbone, database))
     buffer = io.StringIO()
     fields = list(per_class[0]) if per_class else ["id", "name"]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in per_class:
         writer.writerow({k: "" if _is_nan(v) or v is None else v for k, v in row.items()})
-    _atomic_write(paths["csv"], buffer.getvalue())
+    atomic_write(paths["csv"], buffer.getvalue())
     return paths
 
 

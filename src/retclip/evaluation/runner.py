@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from retclip.errors import InputError
 from retclip.evaluation.mask_ap import rle_of
 from retclip.evaluation.panoptic_quality import SegmentsInfo
 from retclip.evaluation.report import Evaluator
+from retclip.files import atomic_write
 from retclip.images import load_image
 from retclip.outputs import rgb2id
 from retclip.proposers.base import Proposals
@@ -374,7 +374,7 @@ class ScoreCache:
                 )
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_bytes(self.meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        atomic_write(self.meta_path, (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
 
     def path(self, stem: str) -> Path:
         return self.directory / f"{stem}.npz"
@@ -392,15 +392,6 @@ class ScoreCache:
         if not self.has(stem):
             raise InputError(f"image {stem} is not in the cache {self.directory}")
         return load_scores(self.path(stem))
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-# --- the two passes ---------------------------------------------------------------------------
 
 
 def run_model(

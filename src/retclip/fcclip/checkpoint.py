@@ -44,11 +44,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from retclip.errors import InputError
 from retclip.fcclip.model import CONVNEXT_LARGE, FCCLIP, RN50X64, FCCLIPConfig
+from retclip.files import atomic_writer
 
 #: FC-CLIP variants: name → (OpenCLIP architecture, head config).
 VARIANTS: dict[str, tuple[str, FCCLIPConfig]] = {
@@ -333,7 +334,8 @@ def save_converted(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": FORMAT, "variant": variant, "source": source}
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_writer(path) as handle:
+        handle.write(save(tensors, metadata=metadata))
     return path
 
 

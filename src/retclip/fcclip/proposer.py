@@ -22,12 +22,9 @@ FC-CLIP's outputs (``docs/fcclip.md``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,10 +33,10 @@ from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.errors import InputError
 from retclip.fcclip.checkpoint import load_fcclip_weights, load_weights
 from retclip.fcclip.model import CONVNEXT_LARGE, FCCLIP, RN50X64, FCCLIPConfig, masks_to_image
-from retclip.images import image_to_tensor
+from retclip.images import SourceImage, image_to_tensor
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
-from retclip.vocabulary import VocabClass, Vocabulary
+from retclip.vocabulary import Vocabulary
 
 
 class FcclipProposer(MaskProposer):
@@ -53,8 +50,6 @@ class FcclipProposer(MaskProposer):
             ``preprocessing="fcclip"`` (the segmenter's); the checkpoint's CLIP must equal it.
         config: head architecture, or a JSON file of its fields; default by backbone kind
             (:data:`CONVNEXT_LARGE` / :data:`RN50X64`, the released models).
-        vocabulary: builtin name or file whose synonyms complete class names given as plain
-            strings when no vocabulary is passed to :meth:`propose`.
         backbone_check: ``"verify"`` (default) the checkpoint's CLIP weights against the
             backbone's, ``"load"`` them into it, or ``"skip"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
@@ -64,7 +59,6 @@ class FcclipProposer(MaskProposer):
     """
 
     name = "fcclip"
-    uses_text_embeddings = True
     #: FC-CLIP binarises its mask logits on the stride-32 grid before mean pooling.
     feature_pooling = "binary"
 
@@ -74,7 +68,6 @@ class FcclipProposer(MaskProposer):
         *,
         backbone: str | OpenClipBackbone = "convnext-l",
         config: FCCLIPConfig | str | Path | None = None,
-        vocabulary: str | None = None,
         backbone_check: Literal["load", "verify", "skip"] = "verify",
         device: str = "auto",
         dtype: str | None = None,
@@ -115,48 +108,25 @@ class FcclipProposer(MaskProposer):
         self.report = load_fcclip_weights(
             self.model, load_weights(checkpoint), backbone=backbone_check
         )
-        self.vocabulary = Vocabulary.load(vocabulary) if vocabulary else None
-
-    def vocabulary_of(self, classes: Sequence[str | VocabClass]) -> Vocabulary:
-        """The classes as a :class:`Vocabulary`, plain names completed from ``vocabulary``."""
-        entries = []
-        for index, cls in enumerate(classes):
-            if isinstance(cls, VocabClass):
-                entries.append(cls)
-                continue
-            synonyms: tuple[str, ...] = (cls,)
-            if self.vocabulary is not None:
-                with contextlib.suppress(InputError):
-                    synonyms = self.vocabulary[self.vocabulary.index_of(cls)].synonyms
-            entries.append(VocabClass(cls, synonyms, id=index))
-        return Vocabulary(entries, name="fcclip-query")
 
     @torch.inference_mode()
     def propose(
         self,
-        image: np.ndarray,
-        classes: Sequence[str] | None = None,
-        *,
-        source: str | Path | None = None,
-        vocabulary: Vocabulary | None = None,
+        image: SourceImage,
+        vocabulary: Vocabulary,
         text_embeddings: ClassEmbeddings | None = None,
     ) -> Proposals:
-        """All ``Q`` queries of ``image`` ``[H, W, 3]`` uint8 for ``vocabulary`` (all synonyms
-        of each class; else ``classes`` completed by :meth:`vocabulary_of`), classified with
-        ``text_embeddings`` when given (the segmenter's; else embedded here)."""
-        if vocabulary is None:
-            if not classes:
-                raise InputError("proposer 'fcclip' classifies its queries: it needs the classes")
-            vocabulary = self.vocabulary_of(classes)
+        """All ``Q`` queries of ``image`` for ``vocabulary`` (all synonyms of each class),
+        classified with ``text_embeddings`` when given (the segmenter's; else embedded here)."""
         text = text_embeddings
         if text is None:
             text = embed_vocabulary(self.backbone, vocabulary)
         text = text.to(self.backbone.device)
-        h, w = image.shape[:2]
+        h, w = image.size
         frame = self.backbone.frame(h, w)
         if frame is None:  # guarded in __init__; kept for the type checker
             raise InputError("proposer 'fcclip' needs a backbone with preprocessing='fcclip'")
-        pixels = self.backbone.preprocess(image_to_tensor(image)[None])  # one backbone pass
+        pixels = self.backbone.preprocess(image_to_tensor(image.pixels)[None])  # one backbone pass
         output = self.model(pixels, text)
         logits = masks_to_image(output.mask_logits, (frame[0], frame[1]), (h, w))[0]  # [Q, H, W]
         mask_probs = logits.sigmoid()

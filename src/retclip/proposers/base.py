@@ -1,4 +1,4 @@
-"""The MaskProposer interface: an image (and optionally the vocabulary) → binary mask proposals.
+"""The MaskProposer interface: an image and a vocabulary → mask proposals.
 
 Proposals are class-agnostic masks that the classification paths then label (paper §2.2, "Mask
 Proposal Generation"). A proposer that is prompted by class names (Grounding DINO → SAM) may also
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from retclip.images import SourceImage
+    from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
 
 
@@ -134,15 +134,17 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
 
 
 class MaskProposer(abc.ABC):
-    """Image (+ optional class names) → :class:`Proposals`."""
+    """An image and the vocabulary asked for → :class:`Proposals`.
+
+    One contract for every proposer: :meth:`propose` takes the image, the vocabulary and the
+    segmenter's text embeddings of it. What a proposer needs beyond that (a ground-truth dataset,
+    weights, thresholds) it is given when it is built.
+    """
 
     #: Short name used on the command line (``--proposer NAME``).
     name: str = ""
     #: Whether :meth:`propose` gives a class hint per mask (it can then label database rows).
     gives_class_hints: bool = False
-    #: Whether :meth:`propose` takes ``text_embeddings`` (the segmenter's classifier of the
-    #: vocabulary, so a proposer that classifies never re-embeds it).
-    uses_text_embeddings: bool = False
     #: Pooling rule of the ``features`` the proposer returns (``None``: it returns none); a
     #: database queried with them must have been built with the same rule.
     feature_pooling: str | None = None
@@ -150,21 +152,18 @@ class MaskProposer(abc.ABC):
     @abc.abstractmethod
     def propose(
         self,
-        image: np.ndarray,
-        classes: Sequence[str] | None = None,
-        *,
-        source: str | Path | None = None,
-        vocabulary: Vocabulary | None = None,
+        image: SourceImage,
+        vocabulary: Vocabulary,
+        text_embeddings: ClassEmbeddings | None = None,
     ) -> Proposals:
         """Masks for one image.
 
         Args:
-            image: ``[H, W, 3]`` uint8 RGB.
-            classes: class names (first synonym of each class) the user asked for; a
-                class-prompted proposer uses them and may prune them.
-            source: where the image came from (a path); proposers that look masks up by image
-                (ground truth) need it.
-            vocabulary: the full vocabulary ``classes`` come from (synonyms, thing flags), for
-                proposers that classify with text embeddings (FC-CLIP's in-vocabulary path,
-                whose class score is the max over synonyms); ``classes`` are the first synonyms.
+            image: the pixels (``[H, W, 3]`` uint8) and the file they came from, if any.
+            vocabulary: the classes asked for. A class-prompted proposer prompts with each
+                class's first synonym and may prune classes (``kept_classes``); class hints and
+                ``s_iv`` columns index these classes.
+            text_embeddings: the segmenter's embeddings of ``vocabulary`` (for proposers that
+                classify with text, FC-CLIP), or ``None`` when the caller has none (a database
+                build); such a proposer then embeds the vocabulary itself.
         """

@@ -3,8 +3,7 @@ upper-bound database built from annotated masks)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,12 +12,16 @@ from retclip.errors import InputError
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.vocabulary import Vocabulary, normalize_name
 
+if TYPE_CHECKING:
+    from retclip.images import SourceImage
+    from retclip.text_embeddings import ClassEmbeddings
+
 
 class GroundTruthProposer(MaskProposer):
     """The non-crowd ground-truth segments of the image, looked up by file name.
 
-    Class hints index the ``classes`` passed to :meth:`propose` (matched by the dataset's category
-    name against each class's name), or the dataset's categories when ``classes`` is ``None``.
+    Class hints index the vocabulary passed to :meth:`propose` (a dataset category matches the
+    class of the same name; -1 where none does).
     """
 
     name = "gt"
@@ -30,25 +33,24 @@ class GroundTruthProposer(MaskProposer):
 
     def propose(
         self,
-        image: np.ndarray,
-        classes: Sequence[str] | None = None,
-        *,
-        source: str | Path | None = None,
-        vocabulary: Vocabulary | None = None,
+        image: SourceImage,
+        vocabulary: Vocabulary,
+        text_embeddings: ClassEmbeddings | None = None,
     ) -> Proposals:
-        if source is None:
+        if image.source is None:
             raise InputError("the ground-truth proposer needs the image's file name")
+        source = image.source
         ann = self.dataset.annotation(self.dataset.index_of(source))
-        if ann.masks.shape[1:] != image.shape[:2]:
+        if ann.masks.shape[1:] != image.size:
             raise InputError(
                 f"ground truth of {source} is {ann.masks.shape[2]}x{ann.masks.shape[1]} but the "
-                f"image is {image.shape[1]}x{image.shape[0]}"
+                f"image is {image.size[1]}x{image.size[0]}"
             )
         keep = np.ones(len(ann.categories), dtype=bool) if self.include_crowd else ~ann.iscrowd
+        # class hints index the vocabulary: a dataset category is the class that names it
+        names = self.dataset.vocabulary.names
+        position = {normalize_name(name): i for i, name in enumerate(vocabulary.names)}
+        lookup = np.array([position.get(normalize_name(n), -1) for n in names], dtype=np.int64)
         hints = ann.categories[keep]
-        if classes is not None:
-            position = {normalize_name(name): i for i, name in enumerate(classes)}
-            names = self.dataset.vocabulary.names
-            lookup = np.array([position.get(normalize_name(n), -1) for n in names], dtype=np.int64)
-            hints = lookup[hints] if len(hints) else hints
+        hints = lookup[hints] if len(hints) else hints
         return Proposals(masks=ann.masks[keep], scores=np.ones(int(keep.sum())), class_hints=hints)

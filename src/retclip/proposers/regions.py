@@ -11,8 +11,6 @@ proposed (their pixels stay void unless another proposal covers them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +19,8 @@ from retclip.errors import InputError
 from retclip.proposers.base import MaskProposer, Proposals
 
 if TYPE_CHECKING:
+    from retclip.images import SourceImage
+    from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
 
 
@@ -56,19 +56,18 @@ class RegionsProposer(MaskProposer):
 
     def propose(
         self,
-        image: np.ndarray,
-        classes: Sequence[str] | None = None,
-        *,
-        source: str | Path | None = None,
-        vocabulary: Vocabulary | None = None,
+        image: SourceImage,
+        vocabulary: Vocabulary,
+        text_embeddings: ClassEmbeddings | None = None,
     ) -> Proposals:
         from skimage import graph
         from skimage.filters import gaussian, sobel
         from skimage.segmentation import watershed
 
-        h, w = image.shape[:2]
+        pixels = image.pixels
+        h, w = pixels.shape[:2]
         smooth = gaussian(
-            image.astype(np.float32) / 255.0, sigma=self.blur * min(h, w), channel_axis=-1
+            pixels.astype(np.float32) / 255.0, sigma=self.blur * min(h, w), channel_axis=-1
         )  # [H, W, 3]
         gradient = np.sqrt(sum(sobel(smooth[..., c]) ** 2 for c in range(3)))  # [H, W]
         superpixels = watershed(gradient, markers=self.superpixels)  # [H, W] labels from 1

@@ -76,7 +76,7 @@ def load_proposer(
     takes ``sam``, ``points_per_side``, ``points_per_batch``, ``pred_iou_threshold``,
     ``stability_threshold``, ``stability_offset``, ``mask_nms_iou``, ``min_area``, ``device``,
     ``dtype``; ``fcclip`` takes ``checkpoint`` (required), ``backbone``, ``config``,
-    ``vocabulary``, ``backbone_check``, ``device``, ``dtype``, ``resolution``, ``max_size``
+    ``backbone_check``, ``device``, ``dtype``, ``resolution``, ``max_size``
     (``docs/fcclip.md``); the weight-free ``regions`` takes
     ``blur``, ``superpixels``, ``threshold``, ``min_area`` (a fraction of the image).
 

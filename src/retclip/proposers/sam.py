@@ -17,7 +17,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +34,8 @@ DEFAULT_SAM = "sam-vit-base"
 
 
 if TYPE_CHECKING:
+    from retclip.images import SourceImage
+    from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
 
 
@@ -289,21 +290,20 @@ class DetectorSamProposer(MaskProposer):
 
     def propose(
         self,
-        image: np.ndarray,
-        classes: Sequence[str] | None = None,
-        *,
-        source: str | Path | None = None,
-        vocabulary: Vocabulary | None = None,
+        image: SourceImage,
+        vocabulary: Vocabulary,
+        text_embeddings: ClassEmbeddings | None = None,
     ) -> Proposals:
-        if not classes:
-            raise InputError(f"proposer {self.name!r} is prompted by class names: give classes")
-        height, width = image.shape[:2]
-        found = self.detector.detect(image, classes)
+        # prompts are first synonyms: display names of built-in vocabularies can be WordNet
+        # lists ("road, route") that read badly as prompts
+        classes = [entry.synonyms[0] for entry in vocabulary.classes]
+        height, width = image.size
+        found = self.detector.detect(image.pixels, classes)
         found = found.select(batched_nms(found.boxes, found.scores, found.labels, self.nms_iou))
         kept = np.unique(found.labels.cpu().numpy()).astype(np.int64)
         if len(found.boxes) == 0:
             return empty_proposals(height, width, kept)
-        masks, _ = self.sam.segment_boxes(self.sam.embed(image), found.boxes)
+        masks, _ = self.sam.segment_boxes(self.sam.embed(image.pixels), found.boxes)
         scores = found.scores.to(masks.device)
         labels = found.labels.to(masks.device)
         large = masks.sum(dim=(1, 2)) >= self.min_area

@@ -8,11 +8,8 @@ masks, then duplicates by mask NMS. Class-agnostic: no class hints, no pruning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from retclip.errors import InputError
@@ -21,6 +18,8 @@ from retclip.proposers.mask_ops import mask_nms, stability_score
 from retclip.proposers.sam import DEFAULT_SAM, SamSegmenter
 
 if TYPE_CHECKING:
+    from retclip.images import SourceImage
+    from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
 
 
@@ -75,14 +74,12 @@ class SamGridProposer(MaskProposer):
 
     def propose(
         self,
-        image: np.ndarray,
-        classes: Sequence[str] | None = None,
-        *,
-        source: str | Path | None = None,
-        vocabulary: Vocabulary | None = None,
+        image: SourceImage,
+        vocabulary: Vocabulary,
+        text_embeddings: ClassEmbeddings | None = None,
     ) -> Proposals:
-        height, width = image.shape[:2]
-        sam_image = self.sam.embed(image)
+        height, width = image.size
+        sam_image = self.sam.embed(image.pixels)
         points = point_grid(self.points_per_side, height, width)
         masks: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []

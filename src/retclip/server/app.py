@@ -50,14 +50,14 @@ from retclip.backbones.base import Backbone
 from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.database import FeatureDatabase
 from retclip.errors import DatabaseError, DatabaseMismatchError, InputError, RetclipError
-from retclip.images import image_to_tensor, load_image
+from retclip.images import SourceImage, image_to_tensor, load_image
 from retclip.outputs import encode_rle, id2rgb, palette, render_overlay
 from retclip.panoptic import Segment
 from retclip.pooling import features_from_dense
 from retclip.proposers.base import MaskProposer
 from retclip.proposers.registry import load_proposer
 from retclip.segmenter import PreparedImage, SegmentationResult, Segmenter, Settings
-from retclip.vocabulary import BUILTIN_VOCABULARIES, Vocabulary
+from retclip.vocabulary import BUILTIN_VOCABULARIES, VocabClass, Vocabulary
 
 __all__ = ["ServerConfig", "ServerError", "create_app"]
 
@@ -1117,7 +1117,7 @@ def _prompted_masks(
     """Per image, the masks a class-prompted proposer labels with the image's label."""
     found = []
     for image, label in zip(images, labels, strict=True):
-        proposals = proposer.propose(image, [label])
+        proposals = proposer.propose(SourceImage(image), Vocabulary([VocabClass(label)]))
         if proposals.class_hints is None:
             raise InputError(
                 f"proposer {name!r} gives no class per mask, so it cannot find the labelled "

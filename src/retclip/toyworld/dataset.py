@@ -12,13 +12,13 @@ Layout of ``write_split(root, split, n, seed)``::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from retclip.files import atomic_write
+from retclip.images import save_png
 from retclip.outputs import id2rgb
 from retclip.toyworld.world import CATEGORIES, THINGS, generate_scenes
 from retclip.vocabulary import VocabClass, Vocabulary
@@ -47,8 +47,8 @@ def write_split(
     scenes = generate_scenes(split, n, seed)
     for i, scene in enumerate(tqdm(scenes, desc=f"write {split}", disable=not progress)):
         name = f"{split}_{seed}_{i:05d}.png"
-        Image.fromarray(scene.image).save(images_dir / name)
-        Image.fromarray(id2rgb(scene.segment_ids)).save(masks_dir / name)
+        save_png(images_dir / name, scene.image)
+        save_png(masks_dir / name, id2rgb(scene.segment_ids))
         segments = []
         for segment_id, category in scene.segments:
             ys, xs = np.nonzero(scene.segment_ids == segment_id)
@@ -75,17 +75,11 @@ def write_split(
         for c in toy_vocabulary()
     ]
     json_path = root / f"panoptic_{split}.json"
-    _write_text(
+    atomic_write(
         json_path,
         json.dumps({"images": images, "annotations": annotations, "categories": categories}),
     )
-    _write_text(root / f"captions_{split}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
+    atomic_write(root / f"captions_{split}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
     flags = [f"{c.name} ; {'thing' if c.isthing else 'stuff'}" for c in toy_vocabulary()]
-    _write_text(root / "vocab.txt", "\n".join(["# the toy world's classes", *flags]) + "\n")
+    atomic_write(root / "vocab.txt", "\n".join(["# the toy world's classes", *flags]) + "\n")
     return json_path, images_dir
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -28,7 +28,8 @@ from retclip.database import FeatureDatabase
 from retclip.database.build import build_database, items_from_dataset
 from retclip.datasets import CocoPanopticDataset
 from retclip.evaluation.runner import DatasetSpec, EvalDataset, ScoreCache, run_model, score_cache
-from retclip.images import load_image
+from retclip.files import atomic_write, atomic_writer
+from retclip.images import load_image, save_png
 from retclip.outputs import render_overlay
 from retclip.panoptic import Segment
 from retclip.proposers.base import MaskProposer
@@ -163,7 +164,7 @@ def run_demo(
         "world": {"db": n_db, "tune": n_tune, "val": n_val, "seed": seed},
         "backbone": backbone.fingerprint.to_dict(),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -211,7 +212,6 @@ def _write_overlays(
     caches: dict[str, ScoreCache],
     settings: dict[str, Settings],
 ) -> None:
-    from PIL import Image
 
     for proposer, cache in caches.items():
         for index in indices:
@@ -219,7 +219,7 @@ def _write_overlays(
             for setting, panel in zip(settings, panels, strict=True):
                 folder = out / "overlays" / proposer / setting
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(panel).save(folder / f"{val.stem(index)}.png")
+                save_png(folder / f"{val.stem(index)}.png", panel)
 
 
 def _write_figure(
@@ -249,7 +249,8 @@ def _write_figure(
                 ax.set_title(column)
     fig.suptitle("Ground-truth masks, toy backbone: CLIP only, retrieval only, RetCLIP")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_writer(path) as handle:
+        fig.savefig(handle, format="png", dpi=80)
     plt.close(fig)
 
 
@@ -269,5 +270,6 @@ def _write_gamma_curve(path: Path, curves: dict[str, list[float]], tuned_gamma: 
     ax.set_title("PQ against γ on the toy world")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_writer(path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from retclip.files import atomic_write, atomic_writer
 from retclip.toyworld.world import CATEGORIES, COLOURS
 
 _TOKEN = re.compile(r"[a-z]+|[.,]")
@@ -94,13 +95,14 @@ class ToyDualEncoder(nn.Module):
 
 def save_checkpoint(model: ToyDualEncoder, path: Path, record: dict[str, Any]) -> None:
     """Weights as safetensors at ``path`` and ``record`` (+ config) beside it as JSON."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    with atomic_writer(path) as handle:
+        handle.write(save(state))
     record = {"config": model.config, **record}
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
 
 
 def load_checkpoint(path: Path) -> ToyDualEncoder:

@@ -27,8 +27,8 @@ from bench.common import (
     set_threads,
 )
 from bench.models import model_dir, random_masks, test_image
+from retclip.backbones.base import segment_features
 from retclip.backbones.clip_vit import ClipVitBackbone
-from retclip.pooling import segment_features
 
 
 def masked_crops(image: np.ndarray, masks: np.ndarray, size: int) -> torch.Tensor:

@@ -72,7 +72,7 @@ def main() -> int:
     data_dir = tempfile.mkdtemp(prefix="retclip-load-")
     server_args = ["--port", str(port), "--data-dir", data_dir, "--queue", "256"]
     server_args += ["--concurrency", str(args.concurrency), "--batch", str(args.batch)]
-    code = "import sys; from retclip.server.cli import serve; serve(sys.argv[1:])"
+    code = "import sys; from retclip.cli.serve import serve; serve(sys.argv[1:])"
     server = subprocess.Popen(
         [sys.executable, "-c", code, *server_args],
         stdout=subprocess.DEVNULL,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from retclip.backbones import load_backbone
+from retclip.backbones.base import segment_features
 from retclip.backbones.clip_vit import ClipVitBackbone
 from retclip.errors import InputError
-from retclip.pooling import segment_features
 from tiny_models import save_tiny_clip
 
 PATCH = 8

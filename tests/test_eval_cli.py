@@ -14,7 +14,7 @@ from PIL import Image
 
 import retclip.segmenter
 from retclip.cli import cli
-from retclip.evaluation.cli import eval_command, sweep_command
+from retclip.cli.eval import eval_command, sweep_command
 from retclip.evaluation.report import METRIC_KEYS
 from test_panoptic_quality import CHECK_TARGET, check_case
 

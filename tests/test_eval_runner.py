@@ -152,7 +152,7 @@ def test_ade20k_layout(scenes, tmp_path) -> None:
 
 
 def test_dataset_choices_match_the_command_line() -> None:
-    from retclip.evaluation.cli import DATASET_CHOICES
+    from retclip.cli.eval import DATASET_CHOICES
     from retclip.evaluation.runner import DATASET_KINDS
 
     assert DATASET_CHOICES == DATASET_KINDS

@@ -29,7 +29,7 @@ from retclip.backbones.open_clip_convnext import OpenClipBackbone
 from retclip.cli import cli
 from retclip.fcclip.checkpoint import load_fcclip_weights
 from retclip.fcclip.model import FCCLIP, FCCLIPConfig, masks_to_image, preprocess
-from retclip.outputs import rgb2id
+from retclip.images import rgb2id
 from retclip.segmenter import Settings, load_scores
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import Vocabulary

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from retclip.backbones import BACKBONES, load_backbone
-from retclip.backbones.loading import (
+from retclip.errors import InputError, ModelUnavailableError
+from retclip.hub import (
     ResolvedModel,
     detect_format,
     open_clip_dir,
     resolve_model,
     unavailable,
 )
-from retclip.errors import InputError, ModelUnavailableError
 from retclip.models import get_model_info, list_models
 
 MISSING = "retclip-tests/no-such-model"

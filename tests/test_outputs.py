@@ -13,7 +13,8 @@ from pycocotools import mask as mask_util
 
 import retclip.outputs as outputs
 from retclip.errors import InputError
-from retclip.outputs import encode_rle, id2rgb, palette, render_overlay, rgb2id, write_outputs
+from retclip.images import id2rgb, rgb2id
+from retclip.outputs import encode_rle, palette, render_overlay, write_outputs
 from retclip.panoptic import PanopticPrediction, postprocess
 
 NAMES = ["person", "car, automobile", "sky", "grass"]

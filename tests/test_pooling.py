@@ -83,7 +83,7 @@ def test_bad_shapes_are_refused() -> None:
 
 def test_segment_features_apply_the_backbone_head_after_pooling() -> None:
     from retclip.backbones import ColorBackbone
-    from retclip.pooling import segment_features
+    from retclip.backbones.base import segment_features
 
     class HeadAfterPooling(ColorBackbone):
         """A non-linear head, which does not commute with averaging."""

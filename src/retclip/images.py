@@ -183,3 +183,20 @@ def png_bytes(array: np.ndarray) -> bytes:
 def save_png(path: str | Path, array: np.ndarray) -> None:
     """Write ``array`` as a PNG at ``path`` atomically (never a half-written image)."""
     atomic_write(path, png_bytes(array))
+
+
+def id2rgb(ids: np.ndarray) -> np.ndarray:
+    """``[H, W]`` non-negative segment ids to ``[H, W, 3]`` uint8 (``id = R + 256 G + 256² B``)."""
+    ids = np.asarray(ids).astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
+        raise ValueError(f"segment ids must lie in [0, 256**3), got {ids.min()}..{ids.max()}")
+    rgb = np.empty((*ids.shape, 3), dtype=np.uint8)
+    for channel in range(3):
+        rgb[..., channel] = (ids >> (8 * channel)) & 255
+    return rgb
+
+
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """``[H, W, 3]`` colours to ``[H, W]`` int64 segment ids (inverse of :func:`id2rgb`)."""
+    rgb = np.asarray(rgb).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]

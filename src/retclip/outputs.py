@@ -23,15 +23,13 @@ from pycocotools import mask as mask_util
 
 from retclip.errors import InputError
 from retclip.files import temp_path
-from retclip.images import png_bytes
+from retclip.images import id2rgb, png_bytes
 from retclip.panoptic import PanopticPrediction, Segment, semantic_void_value
 
 __all__ = [
     "encode_rle",
-    "id2rgb",
     "palette",
     "render_overlay",
-    "rgb2id",
     "write_outputs",
 ]
 
@@ -42,23 +40,6 @@ OUTPUT_SUFFIXES: dict[str, str] = {
     "instances_json": "_instances.json",
     "overlay_png": "_overlay.png",
 }
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """``[H, W]`` non-negative segment ids to ``[H, W, 3]`` uint8 (``id = R + 256 G + 256² B``)."""
-    ids = np.asarray(ids).astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
-        raise ValueError(f"segment ids must lie in [0, 256**3), got {ids.min()}..{ids.max()}")
-    rgb = np.empty((*ids.shape, 3), dtype=np.uint8)
-    for channel in range(3):
-        rgb[..., channel] = (ids >> (8 * channel)) & 255
-    return rgb
-
-
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """``[H, W, 3]`` colours to ``[H, W]`` int64 segment ids (inverse of :func:`id2rgb`)."""
-    rgb = np.asarray(rgb).astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:

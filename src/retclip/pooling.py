@@ -8,16 +8,10 @@ fraction of its area the mask covers), then pooled as a weighted mean and L2-nor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-from retclip.images import image_to_tensor
-
-if TYPE_CHECKING:
-    from retclip.backbones.base import Backbone
 
 PoolingMode = Literal["soft", "binary"]
 #: Masks resized to the feature grid per step (bounds the float copy of bool masks).
@@ -146,29 +140,3 @@ def mask_pool(
     summed = torch.bmm(weights, features.flatten(2).transpose(1, 2))  # [B, N, D]
     pooled = summed / (weights.sum(-1, keepdim=True) + eps)
     return F.normalize(pooled, dim=-1) if normalize else pooled
-
-
-def segment_features(
-    backbone: Backbone, image: np.ndarray, masks: np.ndarray, *, mode: PoolingMode = "soft"
-) -> torch.Tensor:
-    """``[N, D]`` unit-norm features of ``[N, H, W]`` bool masks from one pass over the image.
-
-    This is the one place where an image meets the backbone: the dense map ``[1, D', h, w]`` is
-    computed once and every mask is embedded from it (:func:`features_from_dense`).
-    """
-    with torch.inference_mode():
-        pixels = image_to_tensor(image).unsqueeze(0).to(backbone.device)  # [1, 3, H, W]
-        return features_from_dense(backbone, backbone.encode_images(pixels), masks, mode=mode)
-
-
-def features_from_dense(
-    backbone: Backbone, dense: torch.Tensor, masks: np.ndarray, *, mode: PoolingMode = "soft"
-) -> torch.Tensor:
-    """``[N, D]`` unit-norm features of ``[N, H, W]`` bool masks from one image's dense map
-    ``[1, D', h, w]``, by the backbone's
-    :meth:`~retclip.backbones.base.Backbone.embed_segments`. Empty masks give all-zero rows."""
-    with torch.inference_mode():
-        mask_tensor = torch.from_numpy(masks).to(dense.device).unsqueeze(0)  # [1, N, H, W]
-        embedded = backbone.embed_segments(dense, mask_tensor, mode=mode)[0]  # [N, D]
-        empty = ~mask_tensor[0].flatten(1).any(1, keepdim=True)  # [N, 1]
-        return F.normalize(embedded.float(), dim=-1).masked_fill(empty, 0.0)

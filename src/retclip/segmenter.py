@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retclip.backbones.base import Backbone
+from retclip.backbones.base import Backbone, features_from_dense
 from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.database import FeatureDatabase
 from retclip.errors import InputError
@@ -42,7 +42,7 @@ from retclip.files import atomic_writer
 from retclip.images import SourceImage, image_to_tensor, load_image
 from retclip.outputs import write_outputs
 from retclip.panoptic import PanopticPrediction, Segment, postprocess
-from retclip.pooling import PoolingMode, features_from_dense
+from retclip.pooling import PoolingMode
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.scores.clip import clip_scores
 from retclip.scores.ensemble import (

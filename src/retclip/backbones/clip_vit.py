@@ -35,14 +35,9 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from retclip.backbones.base import Backbone, BackboneFingerprint
-from retclip.backbones.loading import (
-    ResolvedModel,
-    hf_load,
-    parse_dtype,
-    resize_for_grid,
-    resolve_model,
-)
+from retclip.backbones.preprocessing import resize_for_grid
 from retclip.errors import InputError, ModelUnavailableError
+from retclip.hub import ResolvedModel, hf_load, parse_dtype, resolve_model
 
 ClipDenseMode = Literal["tokens", "value"]
 #: Windows encoded per forward pass in sliding-window mode.

@@ -43,19 +43,15 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 
 from retclip.backbones.base import Backbone, BackboneFingerprint
-from retclip.backbones.loading import (
-    open_clip_dir,
-    parse_dtype,
-    resize_for_grid,
-    resolve_model,
-)
 from retclip.backbones.preprocessing import (
     MAX_SIZE,
     fcclip_preprocess,
     padded_size,
+    resize_for_grid,
     resize_size,
 )
 from retclip.errors import InputError
+from retclip.hub import open_clip_dir, parse_dtype, resolve_model
 from retclip.pooling import Frame, PoolingMode, mask_pool, masks_to_grid
 
 #: Output stride of both trunks' last stage.

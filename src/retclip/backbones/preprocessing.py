@@ -1,4 +1,7 @@
-"""FC-CLIP's test-time input recipe for convolutional CLIPs (detectron2's, reproduced).
+"""Input recipes of the backbones: retclip's grid resize and FC-CLIP's resize-and-pad.
+
+:func:`resize_for_grid` (retclip's default) resizes the whole image so both sides are multiples
+of the stride. FC-CLIP's test-time recipe for convolutional CLIPs (detectron2's, reproduced):
 
 FC-CLIP (and so RetCLIP's cross-dataset path, paper §2.2 "Shared Backbone") feeds its frozen CLIP
 an image resized by detectron2's ``ResizeShortestEdge`` (PIL bilinear on the uint8 image),
@@ -65,3 +68,32 @@ def fcclip_preprocess(
     x = (x - mean) / std
     pad_h, pad_w = padded_size(h, w)
     return F.pad(x, (0, pad_w - w, 0, pad_h - h))[None], (h, w)
+
+
+#: Longest side / shortest side after resizing (FC-CLIP's 1333 / 800).
+MAX_ASPECT = 1333 / 800
+
+
+def resize_for_grid(
+    images: torch.Tensor, short_side: int, multiple: int, max_aspect: float = MAX_ASPECT
+) -> torch.Tensor:
+    """Resize ``[B, 3, H, W]`` so the short side is ``short_side`` (aspect kept), both sides
+    multiples of ``multiple`` (the backbone's stride), the long side at most ``max_aspect`` times
+    the short one.
+
+    The whole image is resized (never cropped or padded), so the ``[h, w]`` feature grid of the
+    result covers the input image uniformly, as mask pooling assumes (:func:`retclip.pooling.
+    masks_to_grid`). Bicubic with antialiasing, clamped to [0, 255].
+    """
+    h, w = images.shape[-2:]
+    scale = short_side / min(h, w)
+    long_cap = max_aspect * short_side
+
+    def side(n: int) -> int:
+        return max(multiple, round(min(n * scale, long_cap) / multiple) * multiple)
+
+    size = (side(h), side(w))
+    if size == (h, w):
+        return images
+    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp(0.0, 255.0)

@@ -3,7 +3,7 @@ accept the same names. A new backbone registers one builder here.
 
 Besides the registered names, :func:`load_backbone` accepts any Hugging Face hub id or local
 directory of a CLIP model: ``config.json`` of a transformers CLIP → :class:`ClipVitBackbone`,
-``open_clip_config.json`` → :class:`OpenClipBackbone` (see :mod:`retclip.backbones.loading`).
+``open_clip_config.json`` → :class:`OpenClipBackbone` (see :mod:`retclip.hub`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _builder(name: str) -> Callable[..., Backbone]:
     builder = BACKBONES.get(name)
     if builder is not None:
         return builder
-    from retclip.backbones.loading import resolve_model
+    from retclip.hub import resolve_model
 
     try:
         resolved = resolve_model(name)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from retclip.backbones.base import Backbone, BackboneFingerprint
+from retclip.backbones.toy_model import load_checkpoint, tokenize
 from retclip.errors import ModelUnavailableError
 from retclip.pooling import PoolingMode, mask_pool
-from retclip.toyworld.model import load_checkpoint, tokenize
 
 CHECKPOINT = "toy_dual_encoder.safetensors"
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from retclip.backbones.base import Backbone
+from retclip.backbones.base import Backbone, segment_features
 from retclip.database.store import FeatureDatabase
 from retclip.datasets.coco_panoptic import CocoPanopticDataset
 from retclip.errors import InputError
 from retclip.images import SourceImage, load_image
-from retclip.pooling import PoolingMode, segment_features
+from retclip.pooling import PoolingMode
 from retclip.proposers.base import MaskProposer
 from retclip.vocabulary import VocabClass, Vocabulary
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from retclip.errors import InputError
-from retclip.outputs import rgb2id
+from retclip.images import rgb2id
 from retclip.vocabulary import VocabClass, Vocabulary
 
 

@@ -2,8 +2,8 @@
 
 Modules: :mod:`~retclip.evaluation.panoptic_quality` (PQ), :mod:`~retclip.evaluation.semantic`
 (mIoU), :mod:`~retclip.evaluation.mask_ap` (COCOeval), :mod:`~retclip.evaluation.report` (the
-reported numbers and files), :mod:`~retclip.evaluation.runner` (datasets, cache, loops) and
-:mod:`~retclip.evaluation.cli` (``retclip eval`` / ``retclip sweep``). Names below are imported on
+reported numbers and files) and :mod:`~retclip.evaluation.runner` (datasets, cache, loops); the
+commands are :mod:`retclip.cli.eval` (``retclip eval`` / ``retclip sweep``). Names below load on
 first use, so that the command line starts without loading torch.
 """
 

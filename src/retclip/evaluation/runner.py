@@ -29,8 +29,7 @@ from retclip.evaluation.mask_ap import rle_of
 from retclip.evaluation.panoptic_quality import SegmentsInfo
 from retclip.evaluation.report import Evaluator
 from retclip.files import atomic_write
-from retclip.images import load_image
-from retclip.outputs import rgb2id
+from retclip.images import load_image, rgb2id
 from retclip.proposers.base import Proposals
 from retclip.segmenter import (
     MaskScores,

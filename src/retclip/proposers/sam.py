@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from retclip.backbones.loading import hf_load, resolve_model
 from retclip.errors import InputError
+from retclip.hub import hf_load, resolve_model
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.proposers.mask_ops import mask_nms
 

@@ -46,14 +46,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from retclip.backbones.base import Backbone
+from retclip.backbones.base import Backbone, features_from_dense
 from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.database import FeatureDatabase
 from retclip.errors import DatabaseError, DatabaseMismatchError, InputError, RetclipError
-from retclip.images import SourceImage, image_to_tensor, load_image
-from retclip.outputs import encode_rle, id2rgb, palette, render_overlay
+from retclip.images import SourceImage, id2rgb, image_to_tensor, load_image
+from retclip.outputs import encode_rle, palette, render_overlay
 from retclip.panoptic import Segment
-from retclip.pooling import features_from_dense
 from retclip.proposers.base import MaskProposer
 from retclip.proposers.registry import load_proposer
 from retclip.segmenter import PreparedImage, SegmentationResult, Segmenter, Settings

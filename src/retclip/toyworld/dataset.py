@@ -18,8 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from retclip.files import atomic_write
-from retclip.images import save_png
-from retclip.outputs import id2rgb
+from retclip.images import id2rgb, save_png
 from retclip.toyworld.world import CATEGORIES, THINGS, generate_scenes
 from retclip.vocabulary import VocabClass, Vocabulary
 

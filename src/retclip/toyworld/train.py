@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from retclip.toyworld.model import ToyDualEncoder, save_checkpoint, tokenize
+from retclip.backbones.toy_model import ToyDualEncoder, save_checkpoint, tokenize
 from retclip.toyworld.world import COLOUR_WORD_RATE, SIZE, STUFF_WORD_RATE, generate_scenes
 
 

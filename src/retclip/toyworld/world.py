@@ -18,23 +18,32 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from retclip.backbones.toy_model import CLASS_WORDS, COLOUR_WORDS
+
 SIZE = 96
-THINGS = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
-STUFF = ("stripes", "dots", "checks", "noise", "waves", "gradient")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 45, 45),
-    "orange": (240, 140, 35),
-    "yellow": (235, 215, 60),
-    "green": (60, 165, 70),
-    "cyan": (60, 200, 210),
-    "blue": (45, 80, 205),
-    "purple": (130, 60, 175),
-    "pink": (235, 130, 190),
-    "white": (240, 240, 235),
-    "gray": (130, 130, 130),
-    "black": (25, 25, 30),
-    "brown": (125, 80, 45),
-}
+THINGS = CLASS_WORDS[:8]
+STUFF = CLASS_WORDS[8:]
+#: RGB of each colour word the toy model knows.
+COLOURS: dict[str, tuple[int, int, int]] = dict(
+    zip(
+        COLOUR_WORDS,
+        [
+            (215, 45, 45),
+            (240, 140, 35),
+            (235, 215, 60),
+            (60, 165, 70),
+            (60, 200, 210),
+            (45, 80, 205),
+            (130, 60, 175),
+            (235, 130, 190),
+            (240, 240, 235),
+            (130, 130, 130),
+            (25, 25, 30),
+            (125, 80, 45),
+        ],
+        strict=True,
+    )
+)
 SPLITS = ("train", "db", "val")
 #: Probability that a caption names an object's colour.
 COLOUR_WORD_RATE = 0.2

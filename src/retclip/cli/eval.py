@@ -1,4 +1,4 @@
-"""``retclip eval`` and ``retclip sweep`` (registered on the ``retclip`` group in ``retclip.cli``).
+"""``retclip eval`` and ``retclip sweep`` (registered on the group in :mod:`retclip.cli`).
 
 Errors caused by input end as one line ``Error: <cause>`` and exit status 1, as in the rest of the
 command line.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from retclip.cli_options import (
+from retclip.cli.options import (
     COMBINE_MODES,
     ENSEMBLE_FIELDS,
     CleanErrorsCommand,

@@ -1,4 +1,5 @@
-"""Resolving model names and loading weights offline-first, with one clear error when absent.
+"""The model hub: resolving model names and loading weights offline-first, one clear error when
+absent (every model family loads through here: backbones, detectors, SAM).
 
 A name is a short registered name (``clip-b16``, see :mod:`retclip.models`), a Hugging Face hub id
 (``openai/clip-vit-base-patch16``) or a local directory. Loading always tries the local cache first
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
@@ -33,8 +33,6 @@ HUB_ERRORS: tuple[type[BaseException], ...] = (OSError, EntryNotFoundError, HFVa
 #: Weight files of an OpenCLIP hub repository, in order of preference.
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _TRUE = {"1", "true", "yes", "on"}
-#: Longest side / shortest side after resizing (FC-CLIP's 1333 / 800).
-MAX_ASPECT = 1333 / 800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,28 +196,3 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     if resolved != torch.float32 and device.type != "cuda":
         raise InputError(f"dtype {dtype!r} needs a CUDA device (got {device}); use float32")
     return resolved
-
-
-def resize_for_grid(
-    images: torch.Tensor, short_side: int, multiple: int, max_aspect: float = MAX_ASPECT
-) -> torch.Tensor:
-    """Resize ``[B, 3, H, W]`` so the short side is ``short_side`` (aspect kept), both sides
-    multiples of ``multiple`` (the backbone's stride), the long side at most ``max_aspect`` times
-    the short one.
-
-    The whole image is resized (never cropped or padded), so the ``[h, w]`` feature grid of the
-    result covers the input image uniformly, as mask pooling assumes (:func:`retclip.pooling.
-    masks_to_grid`). Bicubic with antialiasing, clamped to [0, 255].
-    """
-    h, w = images.shape[-2:]
-    scale = short_side / min(h, w)
-    long_cap = max_aspect * short_side
-
-    def side(n: int) -> int:
-        return max(multiple, round(min(n * scale, long_cap) / multiple) * multiple)
-
-    size = (side(h), side(w))
-    if size == (h, w):
-        return images
-    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return out.clamp(0.0, 255.0)

@@ -1,117 +1,25 @@
-"""The ``retclip`` command line: ``segment`` images and manage feature databases (``db``).
-
-Every error caused by input ends as one line ``Error: <cause>`` on stderr and exit status 1
-(click's own usage errors: status 2); a traceback means a bug.
-"""
+"""``retclip db``: build, grow, inspect, index and edit feature databases."""
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
-from retclip.cli_options import (
-    ENSEMBLE_FIELDS,
+from retclip.cli.options import (
     CleanErrorsGroup,
-    check_output_dir,
-    ensemble_options,
     load_models,
     model_description,
     model_options,
     resolve_recipe,
-    retrieval_options,
     with_options,
 )
 from retclip.errors import InputError
 
 
-def _vocabulary(classes: str | None, vocab: str | None) -> Any:
-    from retclip.vocabulary import Vocabulary
-
-    if (classes is None) == (vocab is None):
-        raise InputError("give the classes with exactly one of --classes or --vocab")
-    return Vocabulary.from_string(classes) if classes is not None else Vocabulary.load(vocab or "")
-
-
-@click.group(cls=CleanErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="retclip")
-def cli() -> None:
-    """Open-vocabulary panoptic segmentation with retrieval augmentation (RetCLIP)."""
-
-
-@cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--classes", help='Class names, comma-separated; synonyms with "|": "sofa|couch, wall".'
-)
-@click.option("--vocab", help="A built-in vocabulary (ade20k-150, coco-panoptic-133) or a file.")
-@click.option("--proposer", required=True, help="gt, regions, grounded-sam, owl-sam or sam-grid.")
-@with_options(model_options())
-@with_options(retrieval_options)
-@click.option("--train-vocab", help="Training vocabulary of the proposer (seen classes get alpha).")
-@with_options(ensemble_options)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-def segment(
-    images: tuple[Path, ...],
-    classes: str | None,
-    vocab: str | None,
-    proposer: str,
-    db: Path | None,
-    fallback_db: Path | None,
-    train_vocab: str | None,
-    k: int,
-    pooling: str | None,
-    out: Path,
-    **options: Any,
-) -> None:
-    """Segment IMAGES with the given classes; writes five files per image into --out.
-
-    For each image <stem>: <stem>_panoptic.png/.json (COCO panoptic), <stem>_semantic.png,
-    <stem>_instances.json (COCO results, RLE), <stem>_overlay.png, and <stem>_scores.npz (the
-    per-mask s_clip / s_ret / s_iv, for re-scoring without a model pass).
-    """
-    from retclip.images import load_image
-    from retclip.segmenter import Segmenter
-
-    vocabulary = _vocabulary(classes, vocab)
-    stems = [image.stem for image in images]
-    if len(set(stems)) != len(stems):
-        raise InputError("two images share a file name stem; their outputs would collide")
-    for image in images:
-        if not image.is_file():
-            raise InputError(f"image not found: {image}")
-    check_output_dir(out)
-    settings = {name: options.pop(name) for name in ENSEMBLE_FIELDS}
-    options["pooling"] = pooling
-    resolve_recipe(proposer, options)
-    pooling = options.pop("pooling")
-    backbone, mask_proposer = load_models(proposer, options)
-    if proposer == "fcclip" and train_vocab is None:
-        train_vocab = "coco-panoptic-133"  # FC-CLIP's training vocabulary: its classes are seen
-    segmenter = Segmenter(
-        backbone,
-        mask_proposer,
-        db=db,
-        fallback_db=fallback_db,
-        train_vocab=train_vocab,
-        k=k,
-        pooling=pooling,  # type: ignore[arg-type]
-        device=backbone.device,
-        **settings,
-    )
-    for image in tqdm(images, unit="img", desc="segment", disable=len(images) < 2):
-        result = segmenter(load_image(image), vocabulary, source=image)
-        result.save(out, image.stem)
-        found = sorted({result.label_of(s) for s in result.segments})
-        click.echo(f"{image}: {len(result.segments)} segments ({', '.join(found) or 'none'})")
-
-
-@cli.group(cls=CleanErrorsGroup)
+@click.group(cls=CleanErrorsGroup)
 def db() -> None:
     """Build and manage feature databases of mask-pooled features with labels."""
 
@@ -334,140 +242,3 @@ def db_index(path: Path, spec: str) -> None:
     database = FeatureDatabase.open(path)
     database.set_index(IndexSpec.parse(spec))
     click.echo(f"{path}: index {spec} built over {len(database)} rows")
-
-
-@cli.group(cls=CleanErrorsGroup)
-def toyworld() -> None:
-    """The offline toy world: procedural scenes with panoptic labels and captions."""
-
-
-@toyworld.command("generate")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--split", type=click.Choice(["train", "db", "val"]), required=True)
-@click.option("--n", "count", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Splits never share a scene.")
-def toyworld_generate(out: Path, split: str, count: int, seed: int) -> None:
-    """Write N scenes of a split as a COCO-panoptic dataset plus a captions file.
-
-    Files: OUT/images/*.png, OUT/panoptic_SPLIT/*.png, OUT/panoptic_SPLIT.json and
-    OUT/captions_SPLIT.jsonl; the same seed always gives the same scenes.
-    """
-    from retclip.toyworld.dataset import write_split
-
-    check_output_dir(out)
-    json_path, _ = write_split(out, split, count, seed, progress=True)
-    click.echo(f"{out}: {count} {split} scenes; annotations in {json_path}")
-
-
-@cli.command("demo")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=Path("retclip-demo"),
-    show_default=True,
-    help="Output folder.",
-)
-@click.option("--n-db", type=click.IntRange(min=1), default=300, show_default=True)
-@click.option("--n-val", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-def demo_command(out: Path, n_db: int, n_val: int, seed: int) -> None:
-    """Offline demo on the toy world: CLIP only vs retrieval only vs RetCLIP.
-
-    Generates the world, builds a database from its db split with the shipped toy model, segments
-    the val split with ground-truth and weight-free (regions) proposals, and writes metrics.json,
-    figure.png, gamma_curve.png and overlays into --out. No download; about a minute on a CPU.
-    """
-    from retclip.backbones import load_backbone
-    from retclip.toyworld.demo import run_demo
-
-    check_output_dir(out)
-    summary = run_demo(
-        out, backbone=load_backbone("toy"), n_db=n_db, n_val=n_val, seed=seed, log=click.echo
-    )
-    click.echo(
-        f"\n{'proposer':<10}{'setting':<16}"
-        + "".join(f"{k:>7}" for k in ("PQ", "SQ", "RQ", "mIoU", "mAP"))
-    )
-    for proposer in ("gt", "regions"):
-        for setting, values in summary[proposer].items():
-            cells = "".join(f"{v:>7.1f}" if v is not None else f"{'-':>7}" for v in values.values())
-            click.echo(f"{proposer:<10}{setting:<16}{cells}")
-    click.echo(f"\nwrote {out / 'metrics.json'}, {out / 'figure.png'}, {out / 'gamma_curve.png'}")
-
-
-@cli.command("models")
-@click.option(
-    "--kind", type=click.Choice(["backbone", "detector", "segmenter"]), help="Only this kind."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def models_command(kind: str | None, as_json: bool) -> None:
-    """List the registered models: short name, hub id, kind, size and licence.
-
-    Weights are never downloaded by the tests; to use a model offline, fetch it once with
-    `hf download <hub id>` (or pass a local directory as the model name). See docs/models.md.
-    """
-    from retclip.models import list_models
-
-    entries = list_models(kind)  # type: ignore[arg-type]
-    if as_json:
-        click.echo(json.dumps([m.to_dict() for m in entries], indent=2))
-        return
-    click.echo(f"{'name':<22}{'kind':<11}{'params':>8}  {'licence':<12}hub id")
-    for m in entries:
-        click.echo(f"{m.name:<22}{m.kind:<11}{m.params_m:>7.0f}M  {m.licence:<12}{m.hub_id}")
-
-
-@cli.command("vocab")
-@click.argument("spec")
-@click.option("--train-vocab", help="Mark the classes seen in this training vocabulary.")
-def vocab_command(spec: str, train_vocab: str | None) -> None:
-    """Show a vocabulary (built-in name or file): classes, thing/stuff, synonyms, seen flags."""
-    from retclip.vocabulary import Vocabulary
-
-    vocabulary = Vocabulary.load(spec)
-    seen = vocabulary.seen_mask(Vocabulary.load(train_vocab)) if train_vocab else None
-    for i, entry in enumerate(vocabulary.classes):
-        kind = "thing" if entry.isthing else "stuff"
-        flag = "" if seen is None else (" seen  " if seen[i] else " unseen")
-        click.echo(f"{entry.id:>4} {kind}{flag}  {', '.join(entry.synonyms)}")
-    if seen is not None:
-        click.echo(f"{int(seen.sum())} of {len(vocabulary)} classes seen in {train_vocab}")
-
-
-@cli.command("convert-fcclip")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path))
-@click.option(
-    "--variant",
-    type=click.Choice(["convnext-l", "rn50x64"]),
-    default="convnext-l",
-    show_default=True,
-    help="Architecture of the checkpoint (fcclip_cocopan.pth is convnext-l).",
-)
-@click.option("--include-backbone", is_flag=True, help="Also write the CLIP backbone's weights.")
-def convert_fcclip_command(
-    checkpoint: Path, output: Path, variant: str, include_backbone: bool
-) -> None:
-    """Convert FC-CLIP's released CHECKPOINT (.pth) to retclip's names in OUTPUT (.safetensors).
-
-    Every key is checked against the architecture; missing, unexpected or mis-shaped keys are
-    listed and nothing is written. Use the output with --proposer fcclip --fcclip-checkpoint.
-    """
-    from retclip.fcclip.checkpoint import convert_fcclip
-
-    report = convert_fcclip(checkpoint, output, variant=variant, include_backbone=include_backbone)
-    click.echo(report.format())
-    click.echo(f"wrote {output}")
-
-
-from retclip.evaluation.cli import eval_command, sweep_command  # noqa: E402
-from retclip.server.cli import serve  # noqa: E402
-
-cli.add_command(eval_command)
-cli.add_command(sweep_command)
-cli.add_command(serve)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point."""
-    cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="retclip")

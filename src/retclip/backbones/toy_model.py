@@ -4,8 +4,9 @@ Image tower: five 3×3 convolutions (strides 2, 2, 2, 1, 1) give a dense map ``[
 the image embedding is the head (LayerNorm + Linear → ``dim``) applied to the map's global mean,
 as OpenCLIP's ConvNeXt applies its head after pooling. Text tower: word embeddings, one
 transformer layer, a masked mean and a linear projection. Trained contrastively on whole-scene
-captions only (``retclip.toyworld.train``), so a mask-pooled region meets the domain shift the paper
-describes: the model never saw a feature pooled from part of an image.
+captions only (``retclip.toyworld.train``), so a mask-pooled region meets the domain shift the
+paper describes: the model never saw a feature pooled from part of an image. The model lives
+beside its backbone so that no library module imports the toy-world app.
 """
 
 from __future__ import annotations
@@ -20,10 +21,20 @@ import torch
 from torch import nn
 
 from retclip.files import atomic_write, atomic_writer
-from retclip.toyworld.world import CATEGORIES, COLOURS
 
 _TOKEN = re.compile(r"[a-z]+|[.,]")
-#: Every word the text tower knows; anything else is ``[unk]``.
+#: Class words of the toy world (things, then stuff), in the order the tokenizer numbers them;
+#: ``retclip.toyworld.world`` draws its categories from these.
+CLASS_WORDS: tuple[str, ...] = (
+    *("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon"),
+    *("stripes", "dots", "checks", "noise", "waves", "gradient"),
+)
+#: Colour words of the toy world, in tokenizer order (the world's colour table uses them).
+COLOUR_WORDS: tuple[str, ...] = (
+    *("red", "orange", "yellow", "green", "cyan", "blue"),
+    *("purple", "pink", "white", "gray", "black", "brown"),
+)
+#: Every word the text tower knows (its tokenizer's vocabulary); anything else is ``[unk]``.
 WORDS: tuple[str, ...] = (
     "[pad]",
     "[unk]",
@@ -36,8 +47,8 @@ WORDS: tuple[str, ...] = (
     "the",
     ",",
     ".",
-    *CATEGORIES,
-    *COLOURS,
+    *CLASS_WORDS,
+    *COLOUR_WORDS,
 )
 
 

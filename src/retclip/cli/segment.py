@@ -1,0 +1,97 @@
+"""``retclip segment``: images and a vocabulary in, the five output files per image out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from retclip.cli.options import (
+    ENSEMBLE_FIELDS,
+    CleanErrorsCommand,
+    check_output_dir,
+    ensemble_options,
+    load_models,
+    model_options,
+    resolve_recipe,
+    retrieval_options,
+    with_options,
+)
+from retclip.errors import InputError
+
+
+def _vocabulary(classes: str | None, vocab: str | None) -> Any:
+    from retclip.vocabulary import Vocabulary
+
+    if (classes is None) == (vocab is None):
+        raise InputError("give the classes with exactly one of --classes or --vocab")
+    return Vocabulary.from_string(classes) if classes is not None else Vocabulary.load(vocab or "")
+
+
+@click.command(cls=CleanErrorsCommand)
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--classes", help='Class names, comma-separated; synonyms with "|": "sofa|couch, wall".'
+)
+@click.option("--vocab", help="A built-in vocabulary (ade20k-150, coco-panoptic-133) or a file.")
+@click.option("--proposer", required=True, help="gt, regions, grounded-sam, owl-sam or sam-grid.")
+@with_options(model_options())
+@with_options(retrieval_options)
+@click.option("--train-vocab", help="Training vocabulary of the proposer (seen classes get alpha).")
+@with_options(ensemble_options)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+def segment(
+    images: tuple[Path, ...],
+    classes: str | None,
+    vocab: str | None,
+    proposer: str,
+    db: Path | None,
+    fallback_db: Path | None,
+    train_vocab: str | None,
+    k: int,
+    pooling: str | None,
+    out: Path,
+    **options: Any,
+) -> None:
+    """Segment IMAGES with the given classes; writes five files per image into --out.
+
+    For each image <stem>: <stem>_panoptic.png/.json (COCO panoptic), <stem>_semantic.png,
+    <stem>_instances.json (COCO results, RLE), <stem>_overlay.png, and <stem>_scores.npz (the
+    per-mask s_clip / s_ret / s_iv, for re-scoring without a model pass).
+    """
+    from retclip.images import load_image
+    from retclip.segmenter import Segmenter
+
+    vocabulary = _vocabulary(classes, vocab)
+    stems = [image.stem for image in images]
+    if len(set(stems)) != len(stems):
+        raise InputError("two images share a file name stem; their outputs would collide")
+    for image in images:
+        if not image.is_file():
+            raise InputError(f"image not found: {image}")
+    check_output_dir(out)
+    settings = {name: options.pop(name) for name in ENSEMBLE_FIELDS}
+    options["pooling"] = pooling
+    resolve_recipe(proposer, options)
+    pooling = options.pop("pooling")
+    backbone, mask_proposer = load_models(proposer, options)
+    if proposer == "fcclip" and train_vocab is None:
+        train_vocab = "coco-panoptic-133"  # FC-CLIP's training vocabulary: its classes are seen
+    segmenter = Segmenter(
+        backbone,
+        mask_proposer,
+        db=db,
+        fallback_db=fallback_db,
+        train_vocab=train_vocab,
+        k=k,
+        pooling=pooling,  # type: ignore[arg-type]
+        device=backbone.device,
+        **settings,
+    )
+    for image in tqdm(images, unit="img", desc="segment", disable=len(images) < 2):
+        result = segmenter(load_image(image), vocabulary, source=image)
+        result.save(out, image.stem)
+        found = sorted({result.label_of(s) for s in result.segments})
+        click.echo(f"{image}: {len(result.segments)} segments ({', '.join(found) or 'none'})")

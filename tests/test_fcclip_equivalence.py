@@ -277,3 +277,48 @@ def test_a_database_built_with_fcclips_recipe_serves_its_queries(
     assert result.exit_code == 0, result.output
     _, scores = scores_of(out)
     assert scores.s_ret is not None and scores.s_ret.shape == (10, C)
+
+
+def test_the_server_serves_fcclip_and_equals_the_command_line(files, runs, data, tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from retclip.server.app import ServerConfig, create_app
+
+    config = ServerConfig(
+        data_dir=tmp_path / "serve",
+        backbones=(str(files["clip"]), "color"),
+        proposers=("fcclip", "regions"),
+        model_options={
+            "fcclip_checkpoint": files["checkpoint"],
+            "fcclip_config": files["head"],
+        },
+    )
+    form = {  # the server's class lists are all things: compare segments, not their kinds
+        "classes": "person, wall|brick wall, zebra, spaceship|rocket, sky",
+        "proposer": "fcclip",
+        "combine": "fcclip",
+        "alpha": "0.4",
+        "beta": "0.8",
+        "backbone": str(files["clip"]),
+    }
+    png_bytes = files["image"].read_bytes()
+    with TestClient(create_app(config)) as client:
+        response = client.post("/segment", files={"image": ("scene.png", png_bytes)}, data=form)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        wrong = client.post(
+            "/segment",
+            files={"image": ("scene.png", png_bytes)},
+            data={**form, "backbone": "color"},
+        )
+        assert wrong.status_code == 400 and "runs on its own backbone" in wrong.json()["error"]
+    # which pixels get which class does not depend on thing/stuff (only segment ids do)
+    from pycocotools import mask as mask_utils
+
+    served = np.full((70, 90), -1)
+    for segment in body["segments"]:
+        served[mask_utils.decode(segment["rle"]).astype(bool)] = segment["category"]
+    original = np.full((70, 90), -1)
+    for segment in json.loads(str(data["segments_08"])):
+        original[data["panoptic_08"] == segment["id"]] = segment["category_id"]
+    np.testing.assert_array_equal(served, original)

@@ -45,42 +45,14 @@ from retclip.panoptic import PanopticPrediction, Segment, postprocess
 from retclip.pooling import PoolingMode
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.scores.clip import clip_scores
-from retclip.scores.ensemble import (
-    DEFAULT_ALPHA,
-    DEFAULT_BETA,
-    DEFAULT_GAMMA,
-    CombineMode,
-    check_combine_mode,
-    check_weight,
-    ensemble,
-    final_probs,
-)
+from retclip.scores.ensemble import ensemble, final_probs
 from retclip.scores.retrieval import DEFAULT_K, Retriever
+from retclip.settings import Settings
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import Vocabulary
 
 ImageInput = str | Path | np.ndarray | Image.Image
 ClassesInput = str | Sequence[str] | Vocabulary
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How per-mask scores become a panoptic result (no model pass depends on these)."""
-
-    alpha: float = DEFAULT_ALPHA
-    beta: float = DEFAULT_BETA
-    gamma: float = DEFAULT_GAMMA
-    combine: CombineMode = "linear"
-    score_threshold: float = 0.0
-    overlap_threshold: float = 0.8
-    max_instances: int = 100
-
-    def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma", "overlap_threshold"):
-            check_weight(name, getattr(self, name))
-        check_combine_mode(self.combine)
-        if self.max_instances < 1:
-            raise InputError(f"max_instances must be >= 1, got {self.max_instances}")
 
 
 @dataclasses.dataclass
@@ -374,7 +346,8 @@ class Segmenter:
             the proposer's own rule when it returns features (FC-CLIP: ``"binary"``), else
             ``"soft"``. Queries and the database must share it.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``...
-        **settings: :class:`Settings` fields (alpha, beta, gamma, combine, thresholds).
+        settings: the merge :class:`Settings` (default: the paper's).
+        **overrides: :class:`Settings` fields to change (alpha, beta, gamma, combine, ...).
     """
 
     def __init__(
@@ -388,12 +361,13 @@ class Segmenter:
         k: int = DEFAULT_K,
         pooling: PoolingMode | None = None,
         device: str | torch.device = "auto",
-        **settings: Any,
+        settings: Settings | None = None,
+        **overrides: Any,
     ) -> None:
         self.device = resolve_device(device)
         self.backbone = load_backbone(backbone, self.device)
         self.proposer = proposer
-        self.settings = Settings(**settings)
+        self.settings = dataclasses.replace(settings or Settings(), **overrides)
         own = proposer.feature_pooling
         if pooling is not None and pooling not in ("soft", "binary"):
             raise InputError(f"pooling must be 'soft' or 'binary', got {pooling!r}")
@@ -403,7 +377,7 @@ class Segmenter:
                     f"proposer {proposer.name!r} pools its features with {own!r} pooling "
                     f"(FC-CLIP's rule); --pooling {pooling} cannot apply to them"
                 )
-            if getattr(proposer, "backbone", None) is not self.backbone:
+            if proposer.backbone is not self.backbone:
                 raise InputError(
                     f"proposer {proposer.name!r} embeds segments with its own backbone, which "
                     "must be the segmenter's (one shared backbone, paper §2.2)"

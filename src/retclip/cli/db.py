@@ -10,13 +10,13 @@ import click
 
 from retclip.cli.options import (
     CleanErrorsGroup,
-    load_models,
-    model_description,
     model_options,
-    resolve_recipe,
+    pipeline_spec,
+    spec_options,
     with_options,
 )
 from retclip.errors import InputError
+from retclip.pipeline import PipelineSpec
 
 
 @click.group(cls=CleanErrorsGroup)
@@ -87,11 +87,7 @@ build_options = [
     *model_options(),
     click.option("--batch-size", default=8, show_default=True, help="Images per commit."),
     click.option("--limit", type=int, help="Use only the first N images."),
-    click.option(
-        "--pooling",
-        type=click.Choice(["soft", "binary"]),
-        help="Mask pooling of the rows [default: binary with --recipe fcclip, else soft].",
-    ),
+    *spec_options(PipelineSpec, ["pooling"]),
 ]
 
 
@@ -100,14 +96,18 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     from retclip.database.build import build_database, build_id_for
 
     items, origin, synonyms = _build_items(options)
-    resolve_recipe(options.get("proposer"), options)
-    limit, batch_size, pooling = (options.pop(k) for k in ("limit", "batch_size", "pooling"))
+    limit, batch_size = options.pop("limit"), options.pop("batch_size")
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit must be >= 1, got {limit}")
         items = items[:limit]
     feature_dtype, index = options.pop("feature_dtype", None), options.pop("index", None)
-    backbone, proposer = load_models(options.pop("proposer"), options)
+    # the rows' recipe: the models, and the pooling the recipe implies unless given
+    spec = pipeline_spec(options, options.pop("proposer"))
+    pooling = spec.pooling or "soft"
+    backbone, proposer = spec.model.load()
+    if proposer is None:
+        raise InputError("building a database needs a proposer: give --proposer")
     if create:
         database = FeatureDatabase.create(
             path,
@@ -120,7 +120,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
         )
     else:
         database = FeatureDatabase.open(path)
-    settings = json.dumps(model_description(None, options), sort_keys=True)
+    settings = json.dumps({**spec.model.description(), "proposer": None}, sort_keys=True)
     build_id = build_id_for(backbone, proposer, f"{origin}:{settings}", pooling)
     report = build_database(
         database,

@@ -15,18 +15,17 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from retclip.cli.options import (
-    COMBINE_MODES,
     ENSEMBLE_FIELDS,
     CleanErrorsCommand,
     ensemble_options,
-    load_models,
-    model_description,
     model_options,
-    resolve_recipe,
+    pipeline_spec,
     retrieval_options,
+    train_vocab_option,
     with_options,
 )
 from retclip.errors import InputError
+from retclip.settings import COMBINE_MODES
 
 if TYPE_CHECKING:  # heavy modules (torch, pycocotools) load when a command runs, not at start-up
     import numpy as np
@@ -168,7 +167,7 @@ def _spec(o: dict[str, Any]) -> Any:
 )
 @with_options(dataset_options)
 @click.option("--vocab", help="Class text by position (builtin or file) [default: dataset names].")
-@click.option("--train-vocab", help="Training vocabulary: its classes are 'seen' (weight alpha).")
+@with_options(train_vocab_option)
 @click.option("--proposer", default="gt", show_default=True, help="Mask proposer name.")
 @with_options(model_options(backbone_required=False))
 @with_options(retrieval_options)
@@ -217,6 +216,7 @@ def eval_command(**o: Any) -> None:
         score_cache,
         score_predictions,
     )
+    from retclip.pipeline import build_segmenter
     from retclip.segmenter import Segmenter, Settings
     from retclip.vocabulary import Vocabulary
 
@@ -226,10 +226,16 @@ def eval_command(**o: Any) -> None:
     dataset = EvalDataset(_spec(o))
     indices = dataset.select(o["limit"], _image_ids(o["image_ids"]))
     vocabulary = _dataset_vocabulary(dataset, o["vocab"])
-    if o["proposer"] == "fcclip" and not o["train_vocab"]:
-        o["train_vocab"] = "coco-panoptic-133"  # FC-CLIP's training vocabulary
-    resolve_recipe(o["proposer"], o)
-    train = Vocabulary.load(o["train_vocab"]) if o["train_vocab"] else None
+    if o["predictions"] is None:
+        if not o["backbone"]:
+            raise InputError("give --backbone (or --predictions DIR to score existing outputs)")
+        if o["proposer"] == "gt" and not o["gt_json"]:  # the dataset's own ground truth
+            o["gt_json"], o["gt_masks"] = dataset.panoptic.json_path, dataset.panoptic.masks_dir
+        spec = pipeline_spec(o, o["proposer"])
+        train_vocab = spec.train_vocab
+    else:
+        train_vocab = o["train_vocab"]
+    train = Vocabulary.load(train_vocab) if train_vocab else None
     seen = _seen(vocabulary, train)
     settings = Settings(**{name: o[name] for name in ENSEMBLE_FIELDS})
     run: dict[str, Any] = {"dataset": dataclasses.asdict(dataset.spec), "images": len(indices)}
@@ -245,19 +251,7 @@ def eval_command(**o: Any) -> None:
         method, backbone, database = o["method"] or o["predictions"].name, "–", "–"
         run["predictions"] = str(Path(o["predictions"]).resolve())
     else:
-        if not o["backbone"]:
-            raise InputError("give --backbone (or --predictions DIR to score existing outputs)")
-        gt_json = o["gt_json"] or dataset.panoptic.json_path
-        o["gt_masks"] = o["gt_masks"] or (None if o["gt_json"] else dataset.panoptic.masks_dir)
-        o["gt_json"] = gt_json
-        model = {
-            **model_description(o["proposer"], o),
-            "gt": str(Path(gt_json).resolve()) if o["proposer"] == "gt" else None,
-            "db": str(Path(o["db"]).resolve()) if o["db"] else None,
-            "fallback_db": str(Path(o["fallback_db"]).resolve()) if o["fallback_db"] else None,
-            "k": o["k"],
-            "pooling": o["pooling"],
-        }
+        model = spec.description()
         cache = ScoreCache(o["cache"] or out / "cache")
         cache.open(
             {
@@ -269,18 +263,7 @@ def eval_command(**o: Any) -> None:
         )
 
         def make_segmenter() -> Segmenter:
-            backbone, proposer = load_models(o["proposer"], o)
-            return Segmenter(
-                backbone,
-                proposer,
-                db=o["db"],
-                fallback_db=o["fallback_db"],
-                train_vocab=train,
-                k=o["k"],
-                pooling=o["pooling"],
-                device=backbone.device,
-                **dataclasses.asdict(settings),
-            )
+            return build_segmenter(spec)
 
         ran = run_model(dataset, indices, cache, make_segmenter, vocabulary, progress=o["progress"])
         click.echo(f"segmented {ran} images, {len(indices) - ran} taken from {cache.directory}")

@@ -1,19 +1,26 @@
-"""Pieces shared by every ``retclip`` command: clean error reporting, the option groups for
-models, retrieval and the ensemble, and building the backbone and proposer they describe.
-
-Commands in other modules (``retclip eval``, ``retclip serve``) use the same groups, so one option
-means the same thing everywhere.
+"""Pieces shared by every ``retclip`` command: clean error reporting, and the option groups for
+models, retrieval and the ensemble — generated from the fields of :class:`~retclip.pipeline.
+ModelSpec`, :class:`~retclip.pipeline.PipelineSpec` and :class:`~retclip.settings.Settings`, so
+an option's type, choices, default and help are written once, on the field. Commands turn the
+options they received back into a spec with :func:`model_spec` / :func:`pipeline_spec`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
 
 from retclip.errors import InputError, RetclipError
+from retclip.pipeline import ModelSpec, PipelineSpec, spec_error
+from retclip.settings import Settings
 
 
 def _clean_errors(invoke: Callable[[click.Context], Any], ctx: click.Context) -> Any:
@@ -63,204 +70,117 @@ def check_output_dir(out: Path) -> None:
         raise InputError(f"output directory {out} is not writable: {exc.strerror}") from None
 
 
-#: Backbone options: CLI name → ``load_backbone`` keyword (``None`` = the backbone's default).
-BACKBONE_OPTIONS = {
-    "resolution": "resolution",
-    "dense_mode": "dense_mode",
-    "recipe": "preprocessing",
-}
-#: ``--combine`` values (``retclip.scores.ensemble.COMBINE_MODES``, kept free of torch imports).
-COMBINE_MODES = ("linear", "fcclip")
-#: ``--recipe`` values → the OpenCLIP backbones' ``preprocessing``.
-RECIPES = {"retclip": "grid", "fcclip": "fcclip"}
-#: Proposer options: CLI name → ``load_proposer`` keyword (``None`` = the proposer's default).
-PROPOSER_OPTIONS = {
-    "detector": "detector",
-    "sam": "sam",
-    "box_threshold": "box_threshold",
-    "text_threshold": "text_threshold",
-    "nms_iou": "nms_iou",
-    "min_mask_area": "min_area",
-    "mask_nms_iou": "mask_nms_iou",
-    "points_per_side": "points_per_side",
-    "points_per_batch": "points_per_batch",
-    "pred_iou_threshold": "pred_iou_threshold",
-    "stability_threshold": "stability_threshold",
-    "fcclip_checkpoint": "checkpoint",
-    "fcclip_config": "config",
-}
+def _click_type(annotation: Any) -> tuple[Any, bool]:
+    """The click type of a field annotation and whether it is a flag-less choice of strings."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice([str(v) for v in typing.get_args(annotation)]), True
+    if annotation is Path:
+        return click.Path(path_type=Path), False
+    if annotation in (int, float, str):
+        return annotation, False
+    raise TypeError(f"no command-line type for {annotation!r}")
+
+
+def _option(
+    name: str,
+    annotation: Any,
+    default: Any,
+    help_text: str | None,
+    cli: dict[str, Any] | None = None,
+    *,
+    required: bool = False,
+) -> Callable[[Any], Any]:
+    cli = cli or {}
+    flag = cli.get("flag") or "--" + name.replace("_", "-")
+    flags = [cli["short"], flag] if cli.get("short") else [flag]
+    click_type, _ = _click_type(annotation)
+    kwargs: dict[str, Any] = {"type": click_type, "help": help_text, "required": required}
+    if default is not None and not required:
+        kwargs.update(default=default, show_default=True)
+    return click.option(*flags, name, **kwargs)
+
+
+def spec_options(
+    model: type[BaseModel],
+    names: Sequence[str],
+    *,
+    required: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> list[Callable[[Any], Any]]:
+    """Options for ``names`` fields of a pydantic ``model``: flag ``--field-name`` (or the
+    field's own), type and choices from the annotation, default and help from the field."""
+    options = []
+    for name in names:
+        info = model.model_fields[name]
+        default = info.default if info.default is not PydanticUndefined else None
+        if defaults and name in defaults:
+            default = defaults[name]
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        options.append(
+            _option(
+                name,
+                info.annotation,
+                default,
+                info.description,
+                extra.get("cli"),  # type: ignore[arg-type]
+                required=name in required,
+            )
+        )
+    return options
+
+
+#: The ensemble option names, as :class:`retclip.settings.Settings` fields.
+ENSEMBLE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
+#: Model options, as :class:`ModelSpec` fields (``--proposer`` is declared by each command).
+MODEL_FIELDS: tuple[str, ...] = tuple(n for n in ModelSpec.model_fields if n != "proposer")
+#: Retrieval options, as :class:`PipelineSpec` fields.
+RETRIEVAL_FIELDS = ("db", "fallback_db", "k", "pooling")
 
 
 def model_options(*, backbone_required: bool = True) -> list[Callable[[Any], Any]]:
     """``--backbone`` and its settings, the proposer settings, ``--dtype`` and ``--device``."""
+    return spec_options(
+        ModelSpec, MODEL_FIELDS, required=("backbone",) if backbone_required else ()
+    )
+
+
+retrieval_options = spec_options(PipelineSpec, RETRIEVAL_FIELDS)
+train_vocab_option = spec_options(PipelineSpec, ["train_vocab"])
+
+
+def _ensemble_options() -> list[Callable[[Any], Any]]:
+    hints = typing.get_type_hints(Settings)
     return [
-        click.option(
-            "--backbone",
-            required=backbone_required,
-            help="color, toy, clip-b16, clip-l14, convnext-l, rn50x64, a hub id or a folder.",
-        ),
-        click.option("--resolution", type=int, help="Backbone input short side in pixels."),
-        click.option(
-            "--recipe",
-            type=click.Choice(sorted(RECIPES)),
-            help="Input recipe of OpenCLIP backbones: fcclip = FC-CLIP's resize (800/1333) and "
-            "padding [default: fcclip with --proposer fcclip, else retclip].",
-        ),
-        click.option(
-            "--dense-mode", type=click.Choice(["value", "tokens"]), help="CLIP ViT dense features."
-        ),
-        click.option(
-            "--gt",
-            "gt_json",
-            type=click.Path(path_type=Path),
-            help="COCO-panoptic JSON with ground-truth masks (for --proposer gt).",
-        ),
-        click.option(
-            "--gt-masks",
-            type=click.Path(path_type=Path),
-            help="Folder of its panoptic PNGs [default: the JSON path without .json].",
-        ),
-        click.option("--detector", help="Detector of grounded-sam / owl-sam (name or hub id)."),
-        click.option("--sam", help="SAM model of the SAM-based proposers (name or hub id)."),
-        click.option("--box-threshold", type=float, help="Detector box score threshold."),
-        click.option("--text-threshold", type=float, help="Grounding DINO text threshold."),
-        click.option("--nms-iou", type=float, help="Per-class box NMS IoU."),
-        click.option(
-            "--min-mask-area", type=float, help="Smallest mask kept (pixels; regions: a fraction)."
-        ),
-        click.option("--mask-nms-iou", type=float, help="Duplicate-mask NMS IoU."),
-        click.option("--points-per-side", type=int, help="sam-grid: points per image side."),
-        click.option("--points-per-batch", type=int, help="sam-grid: prompts per decoder call."),
-        click.option("--pred-iou-threshold", type=float, help="sam-grid: predicted-IoU filter."),
-        click.option("--stability-threshold", type=float, help="sam-grid: stability filter."),
-        click.option(
-            "--fcclip-checkpoint",
-            type=click.Path(path_type=Path),
-            help="fcclip: fcclip_cocopan.pth or its converted .safetensors.",
-        ),
-        click.option(
-            "--fcclip-config",
-            type=click.Path(path_type=Path),
-            help="fcclip: JSON of the head's architecture (FCCLIPConfig fields) [default: the "
-            "released model's for the backbone].",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(["float32", "float16", "bfloat16"]),
-            help="Model weights' dtype (half precision on CUDA only).",
-        ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="auto (CUDA if available), cpu, cuda:N.",
-        ),
+        _option(f.name, hints[f.name], f.default, f.metadata.get("help"))
+        for f in dataclasses.fields(Settings)
     ]
 
 
-retrieval_options = [
-    click.option("--db", type=click.Path(path_type=Path), help="Feature database for s_ret."),
-    click.option(
-        "--fallback-db",
-        type=click.Path(path_type=Path),
-        help="Database for the classes the primary one lacks.",
-    ),
-    click.option("-k", "--k", "k", default=10, show_default=True, help="Neighbours retrieved."),
-    click.option(
-        "--pooling",
-        type=click.Choice(["soft", "binary"]),
-        help="Mask pooling of the queries [default: binary with --proposer fcclip, else soft].",
-    ),
-]
-ensemble_options = [
-    click.option("--alpha", default=0.4, show_default=True, help="Weight of s_oov, seen classes."),
-    click.option("--beta", default=0.7, show_default=True, help="Weight of s_oov, unseen classes."),
-    click.option("--gamma", default=0.3, show_default=True, help="Weight of s_ret within s_oov."),
-    click.option(
-        "--combine",
-        type=click.Choice(list(COMBINE_MODES)),
-        default="linear",
-        show_default=True,
-        help="linear: the paper's ensemble; fcclip: FC-CLIP's renormalised geometric one.",
-    ),
-    click.option("--score-threshold", default=0.0, show_default=True, help="Panoptic merge."),
-    click.option("--overlap-threshold", default=0.8, show_default=True, help="Panoptic merge."),
-    click.option(
-        "--max-instances",
-        default=100,
-        show_default=True,
-        help="Instance results: top-k (mask, class) pairs (FC-CLIP's DETECTIONS_PER_IMAGE).",
-    ),
-]
-#: The ensemble option names, as :class:`retclip.segmenter.Settings` fields.
-ENSEMBLE_FIELDS = (
-    "alpha",
-    "beta",
-    "gamma",
-    "combine",
-    "score_threshold",
-    "overlap_threshold",
-    "max_instances",
-)
+ensemble_options = _ensemble_options()
 
 
-def resolve_recipe(proposer: str | None, options: dict[str, Any]) -> None:
-    """Fill ``options["recipe"]`` (and ``"pooling"`` where present) for ``proposer``.
-
-    ``--proposer fcclip`` shares its backbone and its segment features with the segmenter, so
-    it implies FC-CLIP's recipe (``--recipe fcclip``) and FC-CLIP's binarised pooling; asking for
-    another recipe or pooling with it is an error. Elsewhere the defaults are ``retclip``/soft.
-    """
-    if proposer == "fcclip":
-        if options.get("recipe") not in (None, "fcclip"):
-            raise InputError(
-                "--proposer fcclip uses FC-CLIP's input recipe; drop --recipe "
-                f"{options['recipe']} (or use --recipe fcclip)"
-            )
-        options["recipe"] = "fcclip"
-        if options.get("pooling") not in (None, "binary"):
-            raise InputError(
-                f"--proposer fcclip pools segments with FC-CLIP's binarised rule; --pooling "
-                f"{options['pooling']} cannot apply (drop it, or use --pooling binary)"
-            )
-    if "pooling" in options and options["pooling"] is None:
-        options["pooling"] = "binary" if options.get("recipe") == "fcclip" else "soft"
+def model_spec(options: dict[str, Any], proposer: str | None) -> ModelSpec:
+    """The :class:`ModelSpec` of a command's options (its model fields; ``proposer`` given)."""
+    try:
+        return ModelSpec(
+            proposer=proposer, **{n: options[n] for n in MODEL_FIELDS if options.get(n) is not None}
+        ).resolved()
+    except ValidationError as error:
+        raise spec_error(error) from None
 
 
-def model_description(proposer: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    """The options that decide a model's outputs (for caches and build ids), JSON-ready."""
-    keys = ["backbone", *BACKBONE_OPTIONS, "dtype", *PROPOSER_OPTIONS]
-    return {"proposer": proposer, **{k: options.get(k) for k in keys}}
-
-
-def load_models(proposer: str | None, options: dict[str, Any]) -> tuple[Any, Any]:
-    """The backbone and proposer (``None`` if not named) that the model options describe."""
-    from retclip.backbones import load_backbone, resolve_device
-    from retclip.proposers import load_proposer
-    from retclip.proposers.registry import MODEL_PROPOSERS
-
-    device = resolve_device(options["device"])
-    resolve_recipe(proposer, options)
-    backbone_kwargs = {
-        keyword: options[name] for name, keyword in BACKBONE_OPTIONS.items() if options[name]
+def pipeline_spec(options: dict[str, Any], proposer: str | None) -> PipelineSpec:
+    """The :class:`PipelineSpec` of a command's options (model, retrieval, train vocabulary and
+    ensemble fields)."""
+    model = model_spec(options, proposer)
+    fields = {
+        n: options[n] for n in (*RETRIEVAL_FIELDS, "train_vocab") if options.get(n) is not None
     }
-    if "preprocessing" in backbone_kwargs:
-        backbone_kwargs["preprocessing"] = RECIPES[backbone_kwargs["preprocessing"]]
-    if options["dtype"]:
-        backbone_kwargs["dtype"] = options["dtype"]
-    backbone = load_backbone(options["backbone"], device, **backbone_kwargs)
-    if proposer is None:
-        return backbone, None
-    proposer_kwargs = {
-        keyword: options[name]
-        for name, keyword in PROPOSER_OPTIONS.items()
-        if options[name] is not None
-    }
-    if proposer in MODEL_PROPOSERS:
-        proposer_kwargs.update(device=device, dtype=options["dtype"])
-    if proposer == "fcclip":
-        proposer_kwargs["backbone"] = backbone  # one ConvNeXt for proposals and classification
-    built = load_proposer(
-        proposer, gt_json=options["gt_json"], gt_masks=options["gt_masks"], **proposer_kwargs
-    )
-    return backbone, built
+    try:
+        settings = Settings(**{n: options[n] for n in ENSEMBLE_FIELDS if n in options})
+        return PipelineSpec(model=model, settings=settings, **fields).resolved()
+    except ValidationError as error:
+        raise spec_error(error) from None

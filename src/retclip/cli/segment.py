@@ -9,17 +9,17 @@ import click
 from tqdm import tqdm
 
 from retclip.cli.options import (
-    ENSEMBLE_FIELDS,
     CleanErrorsCommand,
     check_output_dir,
     ensemble_options,
-    load_models,
     model_options,
-    resolve_recipe,
+    pipeline_spec,
     retrieval_options,
+    train_vocab_option,
     with_options,
 )
 from retclip.errors import InputError
+from retclip.pipeline import ModelSpec
 
 
 def _vocabulary(classes: str | None, vocab: str | None) -> Any:
@@ -36,10 +36,10 @@ def _vocabulary(classes: str | None, vocab: str | None) -> Any:
     "--classes", help='Class names, comma-separated; synonyms with "|": "sofa|couch, wall".'
 )
 @click.option("--vocab", help="A built-in vocabulary (ade20k-150, coco-panoptic-133) or a file.")
-@click.option("--proposer", required=True, help="gt, regions, grounded-sam, owl-sam or sam-grid.")
+@click.option("--proposer", required=True, help=ModelSpec.model_fields["proposer"].description)
 @with_options(model_options())
 @with_options(retrieval_options)
-@click.option("--train-vocab", help="Training vocabulary of the proposer (seen classes get alpha).")
+@with_options(train_vocab_option)
 @with_options(ensemble_options)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 def segment(
@@ -47,11 +47,6 @@ def segment(
     classes: str | None,
     vocab: str | None,
     proposer: str,
-    db: Path | None,
-    fallback_db: Path | None,
-    train_vocab: str | None,
-    k: int,
-    pooling: str | None,
     out: Path,
     **options: Any,
 ) -> None:
@@ -62,7 +57,7 @@ def segment(
     per-mask s_clip / s_ret / s_iv, for re-scoring without a model pass).
     """
     from retclip.images import load_image
-    from retclip.segmenter import Segmenter
+    from retclip.pipeline import build_segmenter
 
     vocabulary = _vocabulary(classes, vocab)
     stems = [image.stem for image in images]
@@ -72,24 +67,7 @@ def segment(
         if not image.is_file():
             raise InputError(f"image not found: {image}")
     check_output_dir(out)
-    settings = {name: options.pop(name) for name in ENSEMBLE_FIELDS}
-    options["pooling"] = pooling
-    resolve_recipe(proposer, options)
-    pooling = options.pop("pooling")
-    backbone, mask_proposer = load_models(proposer, options)
-    if proposer == "fcclip" and train_vocab is None:
-        train_vocab = "coco-panoptic-133"  # FC-CLIP's training vocabulary: its classes are seen
-    segmenter = Segmenter(
-        backbone,
-        mask_proposer,
-        db=db,
-        fallback_db=fallback_db,
-        train_vocab=train_vocab,
-        k=k,
-        pooling=pooling,  # type: ignore[arg-type]
-        device=backbone.device,
-        **settings,
-    )
+    segmenter = build_segmenter(pipeline_spec(options, proposer))
     for image in tqdm(images, unit="img", desc="segment", disable=len(images) < 2):
         result = segmenter(load_image(image), vocabulary, source=image)
         result.save(out, image.stem)

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from retclip.cli.options import spec_options, with_options
 from retclip.errors import InputError
+from retclip.pipeline import ModelSpec
+
+#: Model options of ``serve`` (``--backbone``, ``--proposer`` and ``--device`` are its own).
+SERVED_MODEL_FIELDS = tuple(
+    name
+    for name in ModelSpec.model_fields
+    if name not in ("backbone", "proposer", "device", "gt_json", "gt_masks")
+)
 
 
 @click.command("serve")
@@ -52,6 +62,7 @@ from retclip.errors import InputError
 @click.option("--batch-wait-ms", default=0.0, show_default=True, help="Wait to fill a batch.")
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, help="Seconds per job.")
 @click.option("--cache-mb", default=512, show_default=True, help="Memory for /rescore results.")
+@with_options(spec_options(ModelSpec, SERVED_MODEL_FIELDS))
 def serve(
     host: str,
     port: int,
@@ -69,11 +80,14 @@ def serve(
     batch_wait_ms: float,
     timeout_s: float,
     cache_mb: int,
+    **model_options: Any,
 ) -> None:
     """Serve the segmentation API and web page (http://HOST:PORT/, API docs at /docs).
 
     Listens on 127.0.0.1 unless --host says otherwise; set --token before listening on another
     address, since anyone who can reach the port can otherwise add to and delete databases.
+    The model options (--fcclip-checkpoint, --detector, ...) apply to every backbone and
+    proposer served; --proposer fcclip runs on the first --backbone, with FC-CLIP's recipe.
     """
     import uvicorn
 
@@ -102,5 +116,6 @@ def serve(
         batch_wait_ms=batch_wait_ms,
         timeout_s=timeout_s,
         result_cache_mb=cache_mb,
+        model_options={k: v for k, v in model_options.items() if v is not None},
     )
     uvicorn.run(create_app(config), host=host, port=port, log_level="info")

@@ -61,6 +61,7 @@ class FcclipProposer(MaskProposer):
     name = "fcclip"
     #: FC-CLIP binarises its mask logits on the stride-32 grid before mean pooling.
     feature_pooling = "binary"
+    backbone: OpenClipBackbone
 
     def __init__(
         self,

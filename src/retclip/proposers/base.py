@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from retclip.backbones.base import Backbone
     from retclip.images import SourceImage
     from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
@@ -148,6 +149,9 @@ class MaskProposer(abc.ABC):
     #: Pooling rule of the ``features`` the proposer returns (``None``: it returns none); a
     #: database queried with them must have been built with the same rule.
     feature_pooling: str | None = None
+    #: The backbone whose single pass the proposer shares with the segmenter (FC-CLIP), or
+    #: ``None``. A proposer that returns ``features`` computes them with this backbone.
+    backbone: Backbone | None = None
 
     @abc.abstractmethod
     def propose(

@@ -59,6 +59,13 @@ PROPOSERS: dict[str, Callable[..., MaskProposer]] = {
 }
 
 
+def accepted_options(name: str) -> set[str]:
+    """The keyword options proposer ``name`` takes (``gt``: its ground-truth paths)."""
+    if name in _LAZY_PROPOSERS:
+        return set(inspect.signature(_model_proposer_class(name)).parameters)
+    return {"gt_json", "gt_masks"} if name == "gt" else set()
+
+
 def load_proposer(
     name: str,
     *,

@@ -19,34 +19,31 @@ Defaults α=0.4, β=0.7, γ=0.3 are the paper's best setting (Table 4); FC-CLIP'
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from retclip.errors import InputError
+from retclip.settings import (
+    COMBINE_MODES,
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_GAMMA,
+    CombineMode,
+    check_combine_mode,
+    check_weight,
+)
 
-CombineMode = Literal["linear", "fcclip"]
-COMBINE_MODES: tuple[str, ...] = ("linear", "fcclip")
-DEFAULT_ALPHA = 0.4
-DEFAULT_BETA = 0.7
-DEFAULT_GAMMA = 0.3
+__all__ = [
+    "COMBINE_MODES",
+    "FCCLIP_LOG_EPS",
+    "CombineMode",
+    "check_combine_mode",
+    "check_weight",
+    "ensemble",
+    "final_probs",
+]
+
 #: FC-CLIP's ``torch.log(mask_cls_probs + 1e-8)`` before its post-processing softmax.
 FCCLIP_LOG_EPS = 1e-8
-
-
-def check_weight(name: str, value: float) -> float:
-    """``value`` if it lies in ``[0, 1]``, else an :class:`InputError` naming ``name``."""
-    if not 0.0 <= value <= 1.0:
-        raise InputError(f"{name} must lie in [0, 1], got {value}")
-    return float(value)
-
-
-def check_combine_mode(mode: str) -> CombineMode:
-    """``mode`` if it is a combine mode, else an :class:`InputError` listing them."""
-    if mode not in COMBINE_MODES:
-        hint = " (FC-CLIP's geometric ensemble is 'fcclip')" if mode == "geometric" else ""
-        raise InputError(f"combine mode must be 'linear' or 'fcclip', got {mode!r}{hint}")
-    return mode  # type: ignore[return-value]
 
 
 def ensemble(

@@ -42,19 +42,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retclip.backbones.base import Backbone, features_from_dense
-from retclip.backbones.registry import load_backbone, resolve_device
+from retclip.backbones.registry import resolve_device
 from retclip.database import FeatureDatabase
 from retclip.errors import DatabaseError, DatabaseMismatchError, InputError, RetclipError
 from retclip.images import SourceImage, id2rgb, image_to_tensor, load_image
 from retclip.outputs import encode_rle, palette, render_overlay
 from retclip.panoptic import Segment
+from retclip.pipeline import ModelSpec, PipelineSpec, build_segmenter, spec_error
 from retclip.proposers.base import MaskProposer
-from retclip.proposers.registry import load_proposer
 from retclip.segmenter import PreparedImage, SegmentationResult, Segmenter, Settings
 from retclip.vocabulary import BUILTIN_VOCABULARIES, VocabClass, Vocabulary
 
@@ -117,6 +117,9 @@ class ServerConfig:
     timeout_s: float = 120.0
     result_cache_mb: int = 512
     result_cache_entries: int = 64
+    #: Options of the models (``ModelSpec`` fields other than backbone, proposer and device:
+    #: ``fcclip_checkpoint``, ``detector``, thresholds...), the same for every backbone/proposer.
+    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.backbones or not self.proposers:
@@ -187,13 +190,29 @@ class Engine:
         self, config: ServerConfig, extra_proposers: Mapping[str, MaskProposer] | None = None
     ) -> None:
         self.device = resolve_device(config.device)
+        self.config = config
         self.backbones: dict[str, Backbone] = {
-            name: load_backbone(name, self.device) for name in config.backbones
+            name: self.spec(name).load_backbone() for name in config.backbones
         }
         extra = dict(extra_proposers or {})
-        self.proposers: dict[str, MaskProposer] = {
-            name: extra[name] if name in extra else load_proposer(name) for name in config.proposers
-        }
+        self.proposers: dict[str, MaskProposer] = {}
+        #: proposer → the backbone it shares (FC-CLIP's runs on the first backbone, built with
+        #: FC-CLIP's input recipe; requests pairing it with another backbone are refused)
+        self.shared_backbone: dict[str, str] = {}
+        default = config.backbones[0]
+        for name in config.proposers:
+            if name in extra:
+                self.proposers[name] = extra[name]
+                continue
+            spec = self.spec(default, name)
+            shares = spec.recipe == "fcclip" and name == "fcclip"
+            backbone = spec.load_backbone() if shares else self.backbones[default]
+            built = spec.load_proposer(backbone, strict=False)
+            if built is None:  # unreachable: a proposer name was given
+                raise InputError(f"proposer {name!r} could not be built")
+            self.proposers[name] = built
+            if built.feature_pooling is not None:
+                self.shared_backbone[name] = default
         self._segmenters: dict[tuple[str, str, str | None, int], Segmenter] = {}
         self._lock = threading.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -201,6 +220,18 @@ class Engine:
     def count(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.counters[key] += n
+
+    def spec(self, backbone: str, proposer: str | None = None) -> ModelSpec:
+        """The models' spec: a backbone and proposer with the server's model options."""
+        try:
+            return ModelSpec(
+                backbone=backbone,
+                proposer=proposer,
+                device=self.config.device,
+                **self.config.model_options,
+            ).resolved()
+        except ValidationError as error:
+            raise spec_error(error) from None
 
     def segmenter(
         self, backbone: str, proposer: str, db_name: str | None, db: FeatureDatabase | None
@@ -211,9 +242,15 @@ class Engine:
             found = self._segmenters.get(key)
         if found is not None:
             return found
-        built = Segmenter(
-            self.backbones[backbone], self.proposers[proposer], db=db, device=self.device
-        )
+        model = self.proposers[proposer]
+        shared = self.shared_backbone.get(proposer)
+        if shared is not None and shared != backbone:
+            raise InputError(
+                f"proposer {proposer!r} runs on its own backbone {shared!r}; request that one"
+            )
+        chosen = model.backbone if model.backbone is not None else self.backbones[backbone]
+        spec = PipelineSpec(model=ModelSpec(backbone=backbone, proposer=proposer))
+        built = build_segmenter(spec, models=(chosen, model), database=db)
         with self._lock:
             stale = [k for k in self._segmenters if k[:3] == key[:3] and k[3] != key[3]]
             for k in stale:

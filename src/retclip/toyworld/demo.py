@@ -32,10 +32,11 @@ from retclip.files import atomic_write, atomic_writer
 from retclip.images import load_image, save_png
 from retclip.outputs import render_overlay
 from retclip.panoptic import Segment
+from retclip.pipeline import ModelSpec, PipelineSpec, build_segmenter
 from retclip.proposers.base import MaskProposer
 from retclip.proposers.ground_truth import GroundTruthProposer
 from retclip.proposers.regions import RegionsProposer
-from retclip.segmenter import Segmenter, Settings, merge
+from retclip.segmenter import Settings, merge
 from retclip.toyworld.dataset import write_split
 
 #: The three settings of the paper's Table 2, as α/β/γ settings (training-free: no s_iv).
@@ -97,6 +98,7 @@ def run_demo(
             if name == "gt"
             else RegionsProposer()
         )
+        spec = PipelineSpec(model=ModelSpec(backbone="toy", proposer=name))
         cache = ScoreCache(out / "cache" / f"{split_json.stem}-{name}")
         cache.open(
             {
@@ -113,7 +115,7 @@ def run_demo(
             dataset,
             list(range(len(dataset))),
             cache,
-            lambda: Segmenter(backbone, proposer, db=database, device=backbone.device),
+            lambda: build_segmenter(spec, models=(backbone, proposer), database=database),
             dataset.vocabulary,
             progress=progress,
         )

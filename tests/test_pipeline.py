@@ -91,3 +91,33 @@ def test_bad_option_values_are_one_line(tmp_path) -> None:
         assert result.exit_code == 1, (extra, result.output)
         assert result.output.startswith("Error: ") and message in result.output
         assert "Traceback" not in result.output
+
+
+def test_lru_cache_bounds_and_order() -> None:
+    from retclip.caching import LRUCache
+
+    cache: LRUCache[str, int] = LRUCache(2)
+    assert cache.get_or_create("a", lambda: 1) == 1
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)  # evicts b
+    assert "b" not in cache and len(cache) == 2
+    assert cache.put("a", 9) == 1  # an existing key keeps its value
+    cache.discard(lambda key: key == "a")
+    assert "a" not in cache and cache.get("c") == 3
+    with pytest.raises(ValueError):
+        LRUCache(0)
+
+
+def test_a_segmenter_keeps_a_bounded_number_of_vocabularies(monkeypatch) -> None:
+    import retclip.segmenter as segmenter_module
+
+    monkeypatch.setattr(segmenter_module, "TEXT_CACHE_SIZE", 2)
+    segmenter = build_segmenter(
+        PipelineSpec(model=ModelSpec(backbone="color", proposer="regions", device="cpu"))
+    )
+    from retclip.vocabulary import Vocabulary
+
+    for names in ("red", "blue", "green", "red, blue"):
+        segmenter.class_embeddings(Vocabulary.from_string(names))
+    assert len(segmenter._class_embeddings) == 2

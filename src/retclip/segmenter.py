@@ -36,6 +36,7 @@ from PIL import Image
 
 from retclip.backbones.base import Backbone, features_from_dense
 from retclip.backbones.registry import load_backbone, resolve_device
+from retclip.caching import LRUCache
 from retclip.database import FeatureDatabase
 from retclip.errors import InputError
 from retclip.files import atomic_writer
@@ -52,6 +53,9 @@ from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import Vocabulary
 
 ImageInput = str | Path | np.ndarray | Image.Image
+#: Vocabularies whose text embeddings a segmenter keeps in memory (least recently used dropped;
+#: the on-disk cache keeps them all).
+TEXT_CACHE_SIZE = 32
 ClassesInput = str | Sequence[str] | Vocabulary
 
 
@@ -397,14 +401,14 @@ class Segmenter:
             if opened[0] is not None
             else None
         )
-        self._class_embeddings: dict[str, ClassEmbeddings] = {}
+        self._class_embeddings: LRUCache[str, ClassEmbeddings] = LRUCache(TEXT_CACHE_SIZE)
 
     def class_embeddings(self, vocab: Vocabulary) -> ClassEmbeddings:
-        """Text embeddings of ``vocab`` (computed once per vocabulary, cached on disk too)."""
-        key = vocab.key()
-        if key not in self._class_embeddings:
-            self._class_embeddings[key] = embed_vocabulary(self.backbone, vocab)
-        return self._class_embeddings[key]
+        """Text embeddings of ``vocab`` (computed once per vocabulary, cached on disk too; the
+        last :data:`TEXT_CACHE_SIZE` vocabularies stay in memory)."""
+        return self._class_embeddings.get_or_create(
+            vocab.key(), lambda: embed_vocabulary(self.backbone, vocab)
+        )
 
     def prepare(
         self, image: ImageInput, classes: ClassesInput, *, source: str | Path | None = None

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from retclip.backbones.base import Backbone
+from retclip.caching import LRUCache
 from retclip.database import DatabaseLabel, FeatureDatabase
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import VocabClass, Vocabulary, normalize_name
@@ -37,6 +38,8 @@ from retclip.vocabulary import VocabClass, Vocabulary, normalize_name
 #: Neighbours retrieved per segment. The paper does not give its k; 10 lets a class be supported
 #: by several rows while keeping the min-max range local to the query.
 DEFAULT_K = 10
+#: (database, state, vocabulary) label matches a retriever keeps (least recently used dropped).
+MATCH_CACHE_SIZE = 64
 #: Cosine between text embeddings of a database label and a class above which they match (paper).
 LABEL_MATCH_THRESHOLD = 0.95
 
@@ -176,7 +179,7 @@ class Retriever:
         self.databases = [db for db in (database, fallback) if db is not None]
         self.k = k
         self.embedding_match = embedding_match
-        self._matches: dict[tuple[int, int, str], LabelMatch] = {}
+        self._matches: LRUCache[tuple[int, int, str], LabelMatch] = LRUCache(MATCH_CACHE_SIZE)
 
     def _label_embeddings(self, db: FeatureDatabase) -> ClassEmbeddings:
         seen: set[str] = set()
@@ -196,15 +199,17 @@ class Retriever:
         """The (cached) label match of database ``db_index`` against ``vocab``."""
         db = self.databases[db_index]
         key = (db_index, db.generation, vocab.key())
-        if key not in self._matches:
+
+        def compute() -> LabelMatch:
             use_embeddings = self.embedding_match and len(db.labels) > 0
-            self._matches[key] = match_labels(
+            return match_labels(
                 vocab,
                 db.labels,
                 class_embeddings=class_embeddings if use_embeddings else None,
                 label_embeddings=self._label_embeddings(db) if use_embeddings else None,
             )
-        return self._matches[key]
+
+        return self._matches.get_or_create(key, compute)
 
     def scores(
         self,

@@ -48,6 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retclip.backbones.base import Backbone, features_from_dense
 from retclip.backbones.registry import resolve_device
+from retclip.caching import LRUCache
 from retclip.database import FeatureDatabase
 from retclip.errors import DatabaseError, DatabaseMismatchError, InputError, RetclipError
 from retclip.images import SourceImage, id2rgb, image_to_tensor, load_image
@@ -66,6 +67,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 #: Database names: a letter or digit, then letters, digits, ``_``, ``-`` or ``.`` (no ``..``).
 _DB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _BUILD_ID = "serve"
+#: (backbone, proposer, database snapshot) segmenters kept (each holds its vocabularies' text
+#: embeddings and label matches; the models themselves are shared).
+SEGMENTER_CACHE_SIZE = 16
 ImagesMode = Literal["base64", "url", "none"]
 
 
@@ -213,7 +217,9 @@ class Engine:
             self.proposers[name] = built
             if built.feature_pooling is not None:
                 self.shared_backbone[name] = default
-        self._segmenters: dict[tuple[str, str, str | None, int], Segmenter] = {}
+        self._segmenters: LRUCache[tuple[str, str, str | None, int], Segmenter] = LRUCache(
+            SEGMENTER_CACHE_SIZE
+        )
         self._lock = threading.Lock()
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -238,8 +244,7 @@ class Engine:
     ) -> Segmenter:
         """The segmenter of these models and database snapshot (built once per snapshot)."""
         key = (backbone, proposer, db_name, -1 if db is None else db.generation)
-        with self._lock:
-            found = self._segmenters.get(key)
+        found = self._segmenters.get(key)
         if found is not None:
             return found
         model = self.proposers[proposer]
@@ -251,11 +256,9 @@ class Engine:
         chosen = model.backbone if model.backbone is not None else self.backbones[backbone]
         spec = PipelineSpec(model=ModelSpec(backbone=backbone, proposer=proposer))
         built = build_segmenter(spec, models=(chosen, model), database=db)
-        with self._lock:
-            stale = [k for k in self._segmenters if k[:3] == key[:3] and k[3] != key[3]]
-            for k in stale:
-                del self._segmenters[k]
-            return self._segmenters.setdefault(key, built)
+        # a database that changed leaves its older snapshots' segmenters behind: drop them
+        self._segmenters.discard(lambda k: k[:3] == key[:3] and k[3] != key[3])
+        return self._segmenters.put(key, built)
 
     @torch.inference_mode()
     def segment_batch(

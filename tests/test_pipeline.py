@@ -121,3 +121,31 @@ def test_a_segmenter_keeps_a_bounded_number_of_vocabularies(monkeypatch) -> None
     for names in ("red", "blue", "green", "red, blue"):
         segmenter.class_embeddings(Vocabulary.from_string(names))
     assert len(segmenter._class_embeddings) == 2
+
+
+def test_the_core_install_is_lean_and_a_missing_extra_is_named(monkeypatch) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    for extra_only in ("fastapi", "uvicorn", "multipart", "matplotlib"):
+        assert extra_only not in core
+    assert set(project["optional-dependencies"]) >= {"serve", "demo", "all"}
+    # the command line and the library load none of the extras' modules
+    code = (
+        "import sys, retclip.cli, retclip.pipeline, retclip.segmenter; "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a)
+    )
+    result = CliRunner().invoke(cli, ["serve"])
+    assert result.exit_code == 1
+    assert "pip install 'retclip[serve]'" in result.output and "Traceback" not in result.output

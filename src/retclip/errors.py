@@ -24,3 +24,23 @@ class DatabaseMismatchError(DatabaseError):
 
 class ModelUnavailableError(RetclipError):
     """A model's weights are not available locally (and cannot be downloaded)."""
+
+
+class MissingExtraError(RetclipError):
+    """A command needs an optional extra that is not installed (``pip install 'retclip[...]'``)."""
+
+
+def require_extra(extra: str, feature: str, modules: tuple[str, ...]) -> None:
+    """Raise :class:`MissingExtraError` naming ``extra`` when one of ``modules`` is missing.
+
+    ``pip install retclip`` gives the library, ``segment``, ``db`` and ``eval``; the server and
+    the demo's figures need ``retclip[serve]`` / ``retclip[demo]`` (or ``retclip[all]``).
+    """
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"{feature} needs {', '.join(missing)}, which this installation lacks: "
+            f"pip install 'retclip[{extra}]'"
+        )

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from retclip.cli.options import spec_options, with_options
-from retclip.errors import InputError
+from retclip.errors import InputError, require_extra
 from retclip.pipeline import ModelSpec
 
 #: Model options of ``serve`` (``--backbone``, ``--proposer`` and ``--device`` are its own).
@@ -89,6 +89,7 @@ def serve(
     The model options (--fcclip-checkpoint, --detector, ...) apply to every backbone and
     proposer served; --proposer fcclip runs on the first --backbone, with FC-CLIP's recipe.
     """
+    require_extra("serve", "retclip serve", ("fastapi", "uvicorn", "python_multipart"))
     import uvicorn
 
     from retclip.server.app import ServerConfig, create_app

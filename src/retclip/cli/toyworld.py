@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from retclip.cli.options import CleanErrorsCommand, CleanErrorsGroup, check_output_dir
+from retclip.errors import require_extra
 
 
 @click.group(cls=CleanErrorsGroup)
@@ -50,6 +51,7 @@ def demo_command(out: Path, n_db: int, n_val: int, seed: int) -> None:
     the val split with ground-truth and weight-free (regions) proposals, and writes metrics.json,
     figure.png, gamma_curve.png and overlays into --out. No download; about a minute on a CPU.
     """
+    require_extra("demo", "retclip demo (its figures)", ("matplotlib",))
     from retclip.backbones import load_backbone
     from retclip.toyworld.demo import run_demo
 

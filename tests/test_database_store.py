@@ -410,3 +410,35 @@ def test_auto_index_is_exact_for_small_databases_and_writes_no_index_file(tmp_pa
     assert (rows >= 0).all() and np.all(np.diff(sims, axis=1) <= 1e-6)
     assert not (tmp_path / "db" / "index.faiss").exists()  # flat: rebuilt from the features
     assert FeatureDatabase.open(tmp_path / "db").info()["index"]["type"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dtype", "int8", "'dtype'"),
+        ("dim", "16", "'dim'"),
+        ("rows", 999, "shard row counts do not add up"),
+        ("labels", [{"name": 3, "synonyms": []}], "'labels.0.name'"),
+        ("generation", -1, "'generation'"),
+    ],
+)
+def test_meta_fields_are_validated_against_the_declared_schema(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    make_db(tmp_path / "db")
+    meta_path = tmp_path / "db" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta[key] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatabaseError, match=f"corrupt feature database meta file .*{message}"):
+        FeatureDatabase.open(tmp_path / "db")
+
+
+def test_a_shard_name_outside_the_shard_folder_is_refused(tmp_path: Path) -> None:
+    make_db(tmp_path / "db")
+    meta_path = tmp_path / "db" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shards"][0]["file"] = "../../etc/passwd"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatabaseError, match=r"'shards\.0\.file'"):
+        FeatureDatabase.open(tmp_path / "db")

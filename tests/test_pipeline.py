@@ -127,8 +127,9 @@ def test_the_core_install_is_lean_and_a_missing_extra_is_named(monkeypatch) -> N
     import importlib.util
     import subprocess
     import sys
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"])

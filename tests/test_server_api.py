@@ -364,3 +364,19 @@ def test_concurrent_writes_lose_no_rows(tmp_path: Path, scenes: list[np.ndarray]
     with TestClient(app) as client:
         info = client.get("/databases/shared").json()
     assert info["rows"] == 8 and info["rows_per_class"] == {"class0": 3, "class1": 3, "class2": 2}
+
+
+def test_server_config_is_validated(tmp_path: Path) -> None:
+    from retclip.errors import InputError
+
+    for bad, message in [
+        ({"max_queue": 0}, "max_queue"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"backbones": ()}, "backbones"),
+        ({"proposers": ("gt",)}, "cannot be served"),
+        ({"token": ""}, "token"),
+        ({"max_batch": "four"}, "max_batch"),
+        ({"unknown_option": 1}, "unknown_option"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            ServerConfig(data_dir=tmp_path, **bad)

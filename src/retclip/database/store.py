@@ -62,9 +62,11 @@ from typing import Any
 
 import faiss
 import numpy as np
+from pydantic import ValidationError
 
 from retclip.backbones.base import BackboneFingerprint
 from retclip.database.index import IndexSpec, build_index, load_index, save_index, search_index
+from retclip.database.meta import DatabaseMeta
 from retclip.errors import DatabaseError, DatabaseMismatchError, InputError
 from retclip.files import (
     LockUnavailable,
@@ -201,43 +203,14 @@ def _read_meta(db_path: Path) -> dict[str, Any]:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise _corrupt(meta_path, f"format_version {version!r}; expected {FORMAT_VERSION}")
-    expected: dict[str, type | tuple[type, ...]] = {
-        "fingerprint": dict,
-        "dim": int,
-        "dtype": str,
-        "rows": int,
-        "rows_per_class": dict,
-        "labels": list,
-        "index": dict,
-        "shards": list,
-        "generation": int,
-    }
-    for key, kind in expected.items():
-        if not isinstance(meta.get(key), kind):
-            raise _corrupt(meta_path, f"missing or malformed {key!r}")
-    if meta["dtype"] not in DTYPES:
-        raise _corrupt(meta_path, f"dtype {meta['dtype']!r}; expected one of {DTYPES}")
-    for label in meta["labels"]:
-        if not (
-            isinstance(label, dict)
-            and isinstance(label.get("name"), str)
-            and isinstance(label.get("synonyms"), list)
-        ):
-            raise _corrupt(meta_path, f"malformed label {label!r}")
-    for shard in meta["shards"]:
-        if not (
-            isinstance(shard, dict)
-            and isinstance(shard.get("file"), str)
-            and _SHARD_NAME.match(shard["file"])
-            and isinstance(shard.get("rows"), int)
-            and isinstance(shard.get("bytes"), int)
-            and isinstance(shard.get("sha256"), str)
-            and isinstance(shard.get("build_ids"), list)
-            and isinstance(shard.get("completed_sources"), dict)
-        ):
-            raise _corrupt(meta_path, f"malformed shard entry {shard!r}")
-    if sum(shard["rows"] for shard in meta["shards"]) != meta["rows"]:
-        raise _corrupt(meta_path, "shard row counts do not add up to 'rows'")
+    try:
+        DatabaseMeta.model_validate(meta)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if where:
+            raise _corrupt(meta_path, f"missing or malformed {where!r} ({first['msg']})") from None
+        raise _corrupt(meta_path, str(first["msg"]).removeprefix("Value error, ")) from None
     try:
         IndexSpec.from_dict(meta["index"])
         BackboneFingerprint.from_dict(meta["fingerprint"])

@@ -42,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -82,9 +82,9 @@ class ServerError(RetclipError):
         self.headers = dict(headers or {})
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerConfig:
-    """Settings of one server process (``retclip serve`` options).
+class ServerConfig(BaseModel):
+    """Settings of one server process (``retclip serve`` options), validated on construction
+    (a bad value raises :class:`InputError` naming it).
 
     Attributes:
         data_dir: folder holding the databases (``<data_dir>/databases/<name>``).
@@ -103,53 +103,43 @@ class ServerConfig:
         timeout_s: longest wait for a model job (queue + run) → 504.
         result_cache_mb: memory for cached results (image, masks, scores) for ``/rescore``.
         result_cache_entries: most cached results.
+        model_options: options of the models (``ModelSpec`` fields other than backbone,
+            proposer and device: ``fcclip_checkpoint``, ``detector``, thresholds...), the same
+            for every backbone and proposer (each proposer takes the ones it knows).
     """
 
-    data_dir: Path
-    backbones: tuple[str, ...] = ("toy",)
-    proposers: tuple[str, ...] = ("regions",)
-    device: str = "cpu"
-    token: str | None = None
-    max_upload_bytes: int = 20 * 2**20
-    max_image_pixels: int = 4096 * 4096
-    max_classes: int = 1000
-    max_example_images: int = 32
-    max_concurrency: int = 1
-    max_queue: int = 32
-    max_batch: int = 4
-    batch_wait_ms: float = 0.0
-    timeout_s: float = 120.0
-    result_cache_mb: int = 512
-    result_cache_entries: int = 64
-    #: Options of the models (``ModelSpec`` fields other than backbone, proposer and device:
-    #: ``fcclip_checkpoint``, ``detector``, thresholds...), the same for every backbone/proposer.
-    model_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if not self.backbones or not self.proposers:
-            raise InputError("the server needs at least one backbone and one proposer")
-        if "gt" in self.proposers:
-            raise InputError("proposer 'gt' reads ground truth from files and cannot be served")
-        positive = (
-            "max_upload_bytes",
-            "max_image_pixels",
-            "max_classes",
-            "max_example_images",
-            "max_concurrency",
-            "max_queue",
-            "max_batch",
-            "result_cache_entries",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.timeout_s <= 0 or self.batch_wait_ms < 0 or self.result_cache_mb < 1:
-            raise InputError(
-                "timeout_s must be > 0, batch_wait_ms >= 0 and result_cache_mb >= 1, got "
-                f"{self.timeout_s}, {self.batch_wait_ms}, {self.result_cache_mb}"
-            )
-        if self.token is not None and not self.token:
-            raise InputError("the token must not be empty")
+    data_dir: Path
+    backbones: tuple[str, ...] = Field(("toy",), min_length=1)
+    proposers: tuple[str, ...] = Field(("regions",), min_length=1)
+    device: str = "cpu"
+    token: str | None = Field(None, min_length=1)
+    max_upload_bytes: int = Field(20 * 2**20, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_classes: int = Field(1000, ge=1)
+    max_example_images: int = Field(32, ge=1)
+    max_concurrency: int = Field(1, ge=1)
+    max_queue: int = Field(32, ge=1)
+    max_batch: int = Field(4, ge=1)
+    batch_wait_ms: float = Field(0.0, ge=0, allow_inf_nan=False)
+    timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    result_cache_mb: int = Field(512, ge=1)
+    result_cache_entries: int = Field(64, ge=1)
+    model_options: dict[str, Any] = Field(default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise spec_error(error) from None
+
+    @field_validator("proposers")
+    @classmethod
+    def _servable(cls, proposers: tuple[str, ...]) -> tuple[str, ...]:
+        if "gt" in proposers:
+            raise ValueError("proposer 'gt' reads ground truth from files and cannot be served")
+        return proposers
 
     def limits(self) -> dict[str, Any]:
         keys = (
@@ -757,8 +747,11 @@ def create_app(
     ``extra_proposers`` adds proposer objects under their names (a custom proposer, or a test's).
     """
     if extra_proposers:
-        config = dataclasses.replace(
-            config, proposers=(*config.proposers, *[p for p in extra_proposers if p != "gt"])
+        config = ServerConfig(
+            **{
+                **config.model_dump(),
+                "proposers": (*config.proposers, *[p for p in extra_proposers if p != "gt"]),
+            }
         )
     state: dict[str, Any] = {}
     databases = Databases(config.data_dir)

@@ -1,0 +1,59 @@
+"""The declared schema of a feature database's ``meta.json`` (validated with pydantic).
+
+Field meanings: :mod:`retclip.database.store`. Validation is structural (types, ranges, the shard
+name pattern, row counts adding up); the backbone fingerprint and index spec are then checked by
+their own parsers. Unknown keys are kept, so a newer retclip's additions survive a rewrite.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+#: Shard files: six or more digits, ``.npz``.
+SHARD_PATTERN = r"^\d{6,}\.npz$"
+
+
+class LabelEntry(BaseModel):
+    """One label: its name and the synonyms a vocabulary class may match it by."""
+
+    model_config = ConfigDict(extra="allow")
+    name: StrictStr
+    synonyms: list[StrictStr]
+
+
+class ShardEntry(BaseModel):
+    """One committed shard file and what it holds."""
+
+    model_config = ConfigDict(extra="allow")
+    file: StrictStr = Field(pattern=SHARD_PATTERN)
+    rows: StrictInt = Field(ge=0)
+    bytes: StrictInt = Field(ge=0)
+    sha256: StrictStr
+    build_ids: list[StrictStr]
+    completed_sources: dict[str, list[StrictStr]]
+
+
+class DatabaseMeta(BaseModel):
+    """``meta.json``: everything but the rows themselves."""
+
+    model_config = ConfigDict(extra="allow")
+    format_version: Literal[1]
+    fingerprint: dict[str, Any]
+    dim: StrictInt = Field(ge=1)
+    dtype: Literal["float16", "float32"]
+    rows: StrictInt = Field(ge=0)
+    rows_per_class: dict[str, StrictInt]
+    labels: list[LabelEntry]
+    index: dict[str, Any]
+    shards: list[ShardEntry]
+    generation: StrictInt = Field(ge=0)
+    pooling: StrictStr | None = None
+    index_file: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _rows_add_up(self) -> DatabaseMeta:
+        if sum(shard.rows for shard in self.shards) != self.rows:
+            raise ValueError("shard row counts do not add up to 'rows'")
+        return self

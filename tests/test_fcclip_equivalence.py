@@ -317,7 +317,7 @@ def test_the_server_serves_fcclip_and_equals_the_command_line(files, runs, data,
 
     served = np.full((70, 90), -1)
     for segment in body["segments"]:
-        served[mask_utils.decode(segment["rle"]).astype(bool)] = segment["category"]
+        served[mask_utils.decode(segment["rle"]).astype(bool)] = segment["category_id"]
     original = np.full((70, 90), -1)
     for segment in json.loads(str(data["segments_08"])):
         original[data["panoptic_08"] == segment["id"]] = segment["category_id"]

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
-import retclip.outputs as outputs
+import retclip.outputs.drawing as drawing
+import retclip.outputs.files as outputs
 from retclip.errors import InputError
 from retclip.images import id2rgb, rgb2id
 from retclip.outputs import encode_rle, palette, render_overlay, write_outputs
@@ -90,7 +91,7 @@ def test_overlay_tints_outlines_and_labels():
     ring[5:55, 5:75] = 1
     ring[15:45, 15:65] = 0
     segment = next(s for s in prediction.segments if s.id == 1)
-    x, y = outputs._label_points(ring, [1])[1]
+    x, y = drawing._label_points(ring, [1])[1]
     assert ring[y, x] == 1
     dark = render_overlay(np.zeros_like(image), ring, [segment], NAMES, alpha=0.0)
     assert (dark[y, x] != 0).all()  # the label box covers that point

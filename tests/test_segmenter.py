@@ -195,3 +195,21 @@ def test_proposers_get_the_vocabulary_its_text_embeddings_and_the_source(scenes)
     assert seen["vocabulary"].classes[0].synonyms == ("apple", "red apple")
     assert seen["text"] is segmenter.class_embeddings(seen["vocabulary"])  # embedded once
     assert seen["image"].source == str(val.image_path(0))
+
+
+def test_the_result_files_read_back_as_written(scenes, scene_db, tmp_path) -> None:
+    from retclip.outputs import read_outputs, segment_record
+
+    val = CocoPanopticDataset(*scenes["val"])
+    result = Segmenter("color", GroundTruthProposer(val), db=scene_db)(val.image_path(0), CLASSES)
+    result.save(tmp_path / "out", "scene")
+    files = read_outputs(tmp_path / "out", "scene")
+    np.testing.assert_array_equal(files.panoptic, result.panoptic)
+    np.testing.assert_array_equal(files.semantic, result.semantic)
+    names, ids = result.vocabulary.names, result.vocabulary.ids
+    assert files.annotation["segments_info"] == [
+        segment_record(s, names, ids) for s in result.segments
+    ]
+    assert files.instances is not None and len(files.instances) == len(result.prediction.instances)
+    with pytest.raises(InputError, match="prediction JSON not found"):
+        read_outputs(tmp_path / "out", "other")

@@ -72,7 +72,7 @@ def test_segment_matches_the_segmenter(client: TestClient, scenes: list[np.ndarr
     assert response.status_code == 200, response.text
     body = response.json()
     expected = Segmenter("toy", load_proposer("regions"), device="cpu")(scenes[0], CLASSES)
-    assert [s["label"] for s in body["segments"]] == [
+    assert [s["category_name"] for s in body["segments"]] == [
         expected.label_of(s) for s in expected.segments
     ]
     for got, want in zip(body["segments"], expected.segments, strict=True):
@@ -111,7 +111,9 @@ def test_rescore_needs_no_model_pass(client: TestClient, scenes: list[np.ndarray
     assert strict.status_code == 200, strict.text
     assert strict.json()["segments"] == [] and strict.json()["settings"]["score_threshold"] == 1.0
     back = client.post("/rescore", json={"result_id": body["result_id"], "score_threshold": 0.0})
-    assert [s["label"] for s in back.json()["segments"]] == [s["label"] for s in body["segments"]]
+    assert [s["category_name"] for s in back.json()["segments"]] == [
+        s["category_name"] for s in body["segments"]
+    ]
     after = client.get("/health").json()["counters"]
     assert after["segmented_images"] == before["segmented_images"]
     assert after["backbone_passes"] == before["backbone_passes"]
@@ -196,7 +198,7 @@ def test_database_lifecycle(client: TestClient, scenes: list[np.ndarray]) -> Non
     # retrieval-only: the database holds only hexagons and rings, so every segment is one of them
     retrieved = segment(client, scenes[3], db="shapes", gamma="1", classes="hexagon, ring, star")
     assert retrieved.status_code == 200, retrieved.text
-    labels = {s["label"] for s in retrieved.json()["segments"]}
+    labels = {s["category_name"] for s in retrieved.json()["segments"]}
     assert labels and labels <= {"hexagon", "ring"}
     assert all(s["s_ret"] is not None for s in retrieved.json()["segments"])
     removed = client.delete("/databases/shapes/classes/ring")
@@ -204,7 +206,7 @@ def test_database_lifecycle(client: TestClient, scenes: list[np.ndarray]) -> Non
     info = client.get("/databases/shapes").json()
     assert info["rows_per_class"] == {"hexagon": 2}
     after = segment(client, scenes[3], db="shapes", gamma="1", classes="hexagon, ring, star")
-    assert {s["label"] for s in after.json()["segments"]} == {"hexagon"}
+    assert {s["category_name"] for s in after.json()["segments"]} == {"hexagon"}
     assert "unknown class" in error_of(client.delete("/databases/shapes/classes/ring"), 400)
     assert client.delete("/databases/shapes").json() == {"deleted": "shapes"}
     assert "no database" in error_of(client.get("/databases/shapes"), 404)
@@ -380,3 +382,10 @@ def test_server_config_is_validated(tmp_path: Path) -> None:
     ]:
         with pytest.raises(InputError, match=message):
             ServerConfig(data_dir=tmp_path, **bad)
+
+
+def test_segments_are_the_records_of_the_result_files(client: TestClient, scenes) -> None:
+    body = segment(client, scenes[0]).json()
+    record_keys = {"id", "category_id", "category_name", "isthing", "iscrowd", "area", "bbox"}
+    for item in body["segments"]:
+        assert record_keys | {"score", "s_clip", "s_ret", "s_iv", "color", "rle"} == set(item)

@@ -10,12 +10,13 @@ two writers never share a temporary file. ``durable=True`` also fsyncs the file 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import filelock
 
@@ -26,6 +27,7 @@ __all__ = [
     "file_lock",
     "file_sha256",
     "fsync_dir",
+    "read_json",
     "temp_path",
 ]
 
@@ -112,3 +114,16 @@ def file_lock(path: str | os.PathLike[str], *, timeout: float = -1) -> Iterator[
         yield
     finally:
         lock.release()
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """The JSON content of ``path``; a missing or unreadable file is an :class:`InputError`
+    naming ``what`` and the file."""
+    from retclip.errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from None

@@ -200,3 +200,29 @@ def rgb2id(rgb: np.ndarray) -> np.ndarray:
     """``[H, W, 3]`` colours to ``[H, W]`` int64 segment ids (inverse of :func:`id2rgb`)."""
     rgb = np.asarray(rgb).astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def read_panoptic_png(path: str | Path) -> np.ndarray:
+    """``[H, W]`` int64 segment ids of a COCO-panoptic PNG (:func:`rgb2id`)."""
+    try:
+        with Image.open(path) as im:
+            return rgb2id(np.asarray(im.convert("RGB")))
+    except FileNotFoundError:
+        raise InputError(f"panoptic PNG not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read panoptic PNG {path}: {exc}") from None
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """``[H, W]`` int64 class labels of a one-channel PNG (8- or 16-bit; semantic maps)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise InputError(f"semantic PNG {path} has mode {im.mode}; expected one channel")
+            return np.asarray(im).astype(np.int64)
+    except FileNotFoundError:
+        raise InputError(f"semantic PNG not found: {path}") from None
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot read semantic PNG {path}: {exc}") from None

@@ -19,10 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from retclip.datasets.coco_panoptic import CocoPanopticDataset
 from retclip.errors import InputError
+from retclip.images import read_label_png
 
 __all__ = ["Ade20kPanoptic", "read_semantic"]
 
@@ -31,17 +31,7 @@ _PREPARE = "see docs/evaluation.md for Mask2Former's preparation scripts"
 
 def read_semantic(path: str | Path) -> np.ndarray:
     """``[H, W]`` int64 class labels of a semantic PNG (8- or 16-bit, one channel; 255 = ignore)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise InputError(f"semantic PNG {path} has mode {im.mode}; expected one channel")
-            return np.asarray(im).astype(np.int64)
-    except FileNotFoundError:
-        raise InputError(f"semantic PNG not found: {path}") from None
-    except InputError:
-        raise
-    except OSError as exc:
-        raise InputError(f"cannot read semantic PNG {path}: {exc}") from None
+    return read_label_png(path)
 
 
 class Ade20kPanoptic(CocoPanopticDataset):

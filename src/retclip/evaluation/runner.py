@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
@@ -28,8 +27,9 @@ from retclip.errors import InputError
 from retclip.evaluation.mask_ap import rle_of
 from retclip.evaluation.panoptic_quality import SegmentsInfo
 from retclip.evaluation.report import Evaluator
-from retclip.files import atomic_write
-from retclip.images import load_image, rgb2id
+from retclip.files import atomic_write, read_json
+from retclip.images import load_image, read_panoptic_png
+from retclip.outputs import output_paths, read_outputs
 from retclip.proposers.base import Proposals
 from retclip.segmenter import (
     MaskScores,
@@ -247,7 +247,7 @@ class EvalDataset:
         """The ground truth of image ``index`` (see the class docstring for the sources)."""
         _, ann = self._records[index]
         png = self.panoptic.masks_dir / ann["file_name"]
-        ids = _read_panoptic_png(png)
+        ids = read_panoptic_png(png)
         infos = ann["segments_info"]
         try:
             categories = np.array(
@@ -306,16 +306,6 @@ class EvalDataset:
             )
             for a in anns
         ]
-
-
-def _read_panoptic_png(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return rgb2id(np.asarray(im.convert("RGB")))
-    except FileNotFoundError:
-        raise InputError(f"panoptic PNG not found: {path}") from None
-    except OSError as exc:
-        raise InputError(f"cannot read panoptic PNG {path}: {exc}") from None
 
 
 def semantic_from_panoptic(ids: np.ndarray, segments: SegmentsInfo, fill: int) -> np.ndarray:
@@ -509,7 +499,7 @@ class PredictionFolder:
         self._by_key: dict[str, dict[str, Any]] = {}
         if not self.retclip_layout:
             json_path = json_path or self.directory.with_suffix(".json")
-            records = _read_json(json_path, "predictions JSON")
+            records = read_json(json_path, "predictions JSON")
             annotations = records.get("annotations") if isinstance(records, dict) else None
             if not isinstance(annotations, list):
                 raise InputError(f"{json_path} has no 'annotations' list (COCO panoptic format)")
@@ -519,7 +509,7 @@ class PredictionFolder:
         self._instances: dict[str, Detections] | None = None
         if instances_json is not None:
             self._instances = {}
-            results = _read_json(instances_json, "instance results JSON")
+            results = read_json(instances_json, "instance results JSON")
             if not isinstance(results, list):
                 raise InputError(f"{instances_json} is not a COCO results list")
             for det in results:
@@ -549,25 +539,26 @@ class PredictionFolder:
         stem = self.dataset.stem(index)
         image_id = self.dataset.image_id(index)
         detections: Detections | None = None
-        semantic_png: Path | None
-        if self.retclip_layout:
-            png = self.directory / f"{stem}_panoptic.png"
-            ann = _read_json(png.with_suffix(".json"), "prediction JSON")
-            run_ids = self._run_categories(ann, png.with_suffix(".json"))
+        semantic_read: np.ndarray | None
+        if self.retclip_layout:  # the files `retclip segment` wrote, read by their reader
+            files = read_outputs(self.directory, stem)
+            paths = output_paths(self.directory, stem)
+            png, ann = paths["panoptic_png"], files.annotation
+            run_ids = self._run_categories(ann, paths["panoptic_json"])
 
             def category(category_id: Any, where: Path) -> int:
                 if int(category_id) not in run_ids:
                     raise InputError(f"{where}: unknown category_id {category_id}")
                 return run_ids[int(category_id)]
 
-            semantic_png = self.directory / f"{stem}_semantic.png"
-            instances = self.directory / f"{stem}_instances.json"
-            if instances.is_file():
+            if files.instances is not None:
                 detections = [
-                    (category(d["category_id"], instances), dict(d["segmentation"]),
-                     float(d["score"]))
-                    for d in _read_json(instances, "instances JSON")
+                    (category(d["category_id"], paths["instances_json"]),
+                     dict(d["segmentation"]), float(d["score"]))
+                    for d in files.instances
                 ]  # fmt: skip
+            pred_map = files.panoptic
+            semantic_read = files.semantic
         else:
             category = self._category
             found = self._by_key.get(image_id) or self._by_key.get(stem)
@@ -578,29 +569,23 @@ class PredictionFolder:
             semantic_png = (self.semantic_dir / f"{stem}.png") if self.semantic_dir else None
             if self._instances is not None:
                 detections = self._instances.get(image_id, [])
-        pred_map = _read_panoptic_png(png)
+            pred_map = read_panoptic_png(png)
+            semantic_read = None
+            if semantic_png is not None and semantic_png.is_file():
+                semantic_read = read_semantic(semantic_png)
         infos = ann.get("segments_info", [])
         segments = SegmentsInfo(
             ids=np.array([s["id"] for s in infos], dtype=np.int64),
             categories=np.array([category(s["category_id"], png) for s in infos], np.int64),
         )
-        if semantic_png is not None and semantic_png.is_file():
-            semantic = read_semantic(semantic_png)
+        if semantic_read is not None:
+            semantic = semantic_read
             if self.retclip_layout:  # positions in the run's category list → dataset indices
                 lut = np.array([category(c["id"], png) for c in ann.get("categories", [])] + [-1])
                 semantic = lut[np.minimum(semantic, len(lut) - 1)]
         else:
             semantic = semantic_from_panoptic(pred_map, segments, fill=-1)
         return pred_map, segments, semantic, detections
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {what} {path}: {exc}") from None
 
 
 def score_predictions(

@@ -52,7 +52,7 @@ from retclip.caching import LRUCache
 from retclip.database import FeatureDatabase
 from retclip.errors import DatabaseError, DatabaseMismatchError, InputError, RetclipError
 from retclip.images import SourceImage, id2rgb, image_to_tensor, load_image
-from retclip.outputs import encode_rle, palette, render_overlay
+from retclip.outputs import encode_rle, render_overlay, segment_colours, segment_record
 from retclip.panoptic import Segment
 from retclip.pipeline import ModelSpec, PipelineSpec, build_segmenter, spec_error
 from retclip.proposers.base import MaskProposer
@@ -459,29 +459,22 @@ def overlay_of(result: SegmentationResult) -> np.ndarray:
 def result_payload(
     result: SegmentationResult, result_id: str, images: ImagesMode
 ) -> dict[str, Any]:
-    """The JSON answer of ``/segment`` and ``/rescore``."""
+    """The JSON answer of ``/segment`` and ``/rescore``: each segment is the record of
+    ``<stem>_panoptic.json`` (``records.segment_record``) plus its path scores, colour and RLE."""
     names = result.vocabulary.names
-    ordered = sorted(result.segments, key=lambda s: s.id)
-    colours = {s.id: c for s, c in zip(ordered, palette(len(ordered)), strict=True)}
+    colours = segment_colours(result.segments)  # the overlay's own colours, for the legend
     scores = result.scores
-    segments = []
-    for s in result.segments:
-        segments.append(
-            {
-                "id": int(s.id),
-                "label": names[s.category],
-                "category": int(s.category),
-                "isthing": bool(s.isthing),
-                "score": float(s.score),
-                "s_clip": _path_score(scores.s_clip, s),
-                "s_ret": _path_score(scores.s_ret, s),
-                "s_iv": _path_score(scores.s_iv, s),
-                "area": int(s.area),
-                "bbox": [float(v) for v in s.bbox],
-                "color": "#{:02x}{:02x}{:02x}".format(*(int(v) for v in colours[s.id])),
-                "rle": encode_rle(result.panoptic == s.id),
-            }
-        )
+    segments = [
+        {
+            **segment_record(s, names, result.vocabulary.ids),  # as in <stem>_panoptic.json
+            "s_clip": _path_score(scores.s_clip, s),
+            "s_ret": _path_score(scores.s_ret, s),
+            "s_iv": _path_score(scores.s_iv, s),
+            "color": "#{:02x}{:02x}{:02x}".format(*colours[s.id]),
+            "rle": encode_rle(result.panoptic == s.id),
+        }
+        for s in result.segments
+    ]
     height, width = result.panoptic.shape
     payload: dict[str, Any] = {
         "result_id": result_id,

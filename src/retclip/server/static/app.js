@@ -57,8 +57,8 @@ function showResult(result) {
   const legend = $("legend");
   const byLabel = new Map();
   for (const segment of result.segments) {
-    const seen = byLabel.get(segment.label);
-    if (!seen) byLabel.set(segment.label, { color: segment.color, count: 1, best: segment.score });
+    const seen = byLabel.get(segment.category_name);
+    if (!seen) byLabel.set(segment.category_name, { color: segment.color, count: 1, best: segment.score });
     else { seen.count += 1; seen.best = Math.max(seen.best, segment.score); }
   }
   legend.replaceChildren(...[...byLabel.entries()].map(([label, entry]) => {
@@ -168,7 +168,7 @@ function labelAt(event) {
   const offset = (y * state.width + x) * 4;
   const id = state.pixels[offset] + 256 * state.pixels[offset + 1] + 65536 * state.pixels[offset + 2];
   const segment = state.segments.find((s) => s.id === id);
-  return segment ? `${segment.label} (${segment.score.toFixed(2)})` : id === 0 ? "void" : "";
+  return segment ? `${segment.category_name} (${segment.score.toFixed(2)})` : id === 0 ? "void" : "";
 }
 
 async function teach() {

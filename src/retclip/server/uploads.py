@@ -1,0 +1,152 @@
+"""Checking what a request brings: body size while it streams in, images and masks (size
+limits before decoding), vocabularies and settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import UploadFile
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from retclip.errors import InputError
+from retclip.images import load_image
+from retclip.segmenter import Settings
+from retclip.server.config import ServerError
+from retclip.vocabulary import BUILTIN_VOCABULARIES, Vocabulary
+
+
+def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB of an uploaded file; the size limit is checked before decoding."""
+    if not data:
+        raise InputError(f"uploaded file {name!r} is empty; expected an image")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputError(f"uploaded file {name!r} is not a recognised image") from None
+    if width * height > max_pixels:
+        raise ServerError(
+            413,
+            f"image {name!r} is {width}x{height} = {width * height} pixels; the limit is "
+            f"{max_pixels} pixels",
+        )
+    with tempfile.TemporaryDirectory(prefix="retclip-upload-") as tmp:
+        path = Path(tmp) / "upload"
+        path.write_bytes(data)
+        try:
+            return load_image(path)
+        except InputError as error:
+            raise InputError(str(error).replace(str(path), repr(name))) from None
+
+
+async def read_upload(upload: UploadFile, what: str, limit: int) -> tuple[bytes, str]:
+    """The bytes and a display name of an uploaded file (413 above ``limit``)."""
+    name = Path(upload.filename or what).name or what
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ServerError(413, f"{what} {name!r} is larger than the upload limit of {limit} bytes")
+    return data, name
+
+
+def decode_mask(data: bytes, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` bool of an uploaded mask image: non-zero (any channel) = the object."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            array = np.asarray(opened.convert("L") if opened.mode not in ("L", "1") else opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputError(f"mask {name!r} is not a recognised image") from None
+    if array.shape != shape:
+        raise InputError(
+            f"mask {name!r} is {array.shape[1]}x{array.shape[0]}, its image is "
+            f"{shape[1]}x{shape[0]}; expected the same size"
+        )
+    mask = array.astype(bool)
+    if not mask.any():
+        raise InputError(f"mask {name!r} is empty; expected non-zero pixels on the object")
+    return mask
+
+
+def vocabulary_of(classes: str | None, vocab: str | None, max_classes: int) -> Vocabulary:
+    """The request's vocabulary from exactly one of ``classes`` and a built-in ``vocab`` name."""
+    if (classes is None or not classes.strip()) == (vocab is None or not vocab.strip()):
+        raise InputError(
+            "give exactly one of the form fields 'classes' (e.g. 'cat, dog|puppy') and 'vocab' "
+            f"(one of {', '.join(BUILTIN_VOCABULARIES)})"
+        )
+    if vocab is not None and vocab.strip():
+        if vocab.strip() not in BUILTIN_VOCABULARIES:
+            raise InputError(
+                f"unknown vocabulary {vocab!r}; expected one of {', '.join(BUILTIN_VOCABULARIES)}"
+            )
+        result = Vocabulary.builtin(vocab.strip())
+    else:
+        result = Vocabulary.from_string(classes or "")
+    if len(result) > max_classes:
+        raise InputError(f"{len(result)} classes; the limit is {max_classes}")
+    return result
+
+
+def settings_of(base: Settings, **changes: Any) -> Settings:
+    """``base`` with the given (non-``None``) fields replaced, validated."""
+    given = {key: value for key, value in changes.items() if value is not None}
+    return dataclasses.replace(base, **given)
+
+
+def choose(name: str | None, allowed: Sequence[str], what: str) -> str:
+    if name is None or not name.strip():
+        return allowed[0]
+    if name not in allowed:
+        raise InputError(f"unknown {what} {name!r}; this server offers {', '.join(allowed)}")
+    return name
+
+
+class BodyLimit:
+    """ASGI middleware: 413 once a request body exceeds ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body larger than the upload limit of {self.limit} bytes"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            incoming = await receive()
+            if incoming["type"] == "http.request":
+                received += len(incoming.get("body", b""))
+                if received > self.limit:
+                    raise ServerError(413, message)
+            return incoming
+
+        async def tracking_send(outgoing: Message) -> None:
+            nonlocal started
+            started = started or outgoing["type"] == "http.response.start"
+            await send(outgoing)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except ServerError as error:
+            if started:
+                raise
+            await JSONResponse({"error": str(error)}, status_code=error.status)(
+                scope, receive, send
+            )

@@ -13,14 +13,9 @@ from PIL import Image
 
 from retclip.datasets import Ade20kPanoptic
 from retclip.errors import InputError
-from retclip.evaluation.runner import (
-    DatasetSpec,
-    EvalDataset,
-    ScoreCache,
-    run_model,
-    score_cache,
-    sweep_grid,
-)
+from retclip.evaluation.cache import ScoreCache
+from retclip.evaluation.datasets import DatasetSpec, EvalDataset
+from retclip.evaluation.loop import run_model, score_cache, sweep_grid
 from retclip.proposers.base import Proposals
 from retclip.segmenter import MaskScores, Settings
 
@@ -153,7 +148,7 @@ def test_ade20k_layout(scenes, tmp_path) -> None:
 
 def test_dataset_choices_match_the_command_line() -> None:
     from retclip.cli.eval import DATASET_CHOICES
-    from retclip.evaluation.runner import DATASET_KINDS
+    from retclip.evaluation.datasets import DATASET_KINDS
 
     assert DATASET_CHOICES == DATASET_KINDS
 

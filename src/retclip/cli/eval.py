@@ -30,13 +30,13 @@ from retclip.settings import COMBINE_MODES
 if TYPE_CHECKING:  # heavy modules (torch, pycocotools) load when a command runs, not at start-up
     import numpy as np
 
-    from retclip.evaluation.runner import EvalDataset
+    from retclip.evaluation.datasets import EvalDataset
     from retclip.vocabulary import Vocabulary
 
 __all__ = ["eval_command", "sweep_command"]
 
 SWEEP_COLUMNS = ("PQ", "PQ_th", "PQ_st", "mAP", "mIoU")
-#: The ``--dataset`` choices (``retclip.evaluation.runner.DATASET_KINDS``).
+#: The ``--dataset`` choices (``retclip.evaluation.datasets.DATASET_KINDS``).
 DATASET_CHOICES = ("coco-panoptic", "ade20k", "coco")
 
 
@@ -139,7 +139,7 @@ dataset_options = [
 
 
 def _spec(o: dict[str, Any]) -> Any:
-    from retclip.evaluation.runner import DatasetSpec
+    from retclip.evaluation.datasets import DatasetSpec
 
     def s(key: str) -> str | None:
         return None if o.get(key) is None else str(o[key])
@@ -207,15 +207,11 @@ def eval_command(**o: Any) -> None:
     OUT/per_class.csv. Per-image masks and per-mask scores are cached (--cache): an interrupted
     run resumes, and re-running with other --alpha/--beta/--gamma/thresholds needs no model.
     """
+    from retclip.evaluation.cache import ScoreCache
+    from retclip.evaluation.datasets import EvalDataset
+    from retclip.evaluation.loop import run_model, score_cache
+    from retclip.evaluation.predictions import PredictionFolder, score_predictions
     from retclip.evaluation.report import markdown_table, write_report
-    from retclip.evaluation.runner import (
-        EvalDataset,
-        PredictionFolder,
-        ScoreCache,
-        run_model,
-        score_cache,
-        score_predictions,
-    )
     from retclip.pipeline import build_segmenter
     from retclip.segmenter import Segmenter, Settings
     from retclip.vocabulary import Vocabulary
@@ -311,13 +307,9 @@ def sweep_command(cache_dir: Path, **o: Any) -> None:
     """
     import numpy as np
 
-    from retclip.evaluation.runner import (
-        DatasetSpec,
-        EvalDataset,
-        ScoreCache,
-        score_cache,
-        sweep_grid,
-    )
+    from retclip.evaluation.cache import ScoreCache
+    from retclip.evaluation.datasets import DatasetSpec, EvalDataset
+    from retclip.evaluation.loop import score_cache, sweep_grid
     from retclip.segmenter import Settings
     from retclip.vocabulary import Vocabulary
 

@@ -2,7 +2,9 @@
 
 Modules: :mod:`~retclip.evaluation.panoptic_quality` (PQ), :mod:`~retclip.evaluation.semantic`
 (mIoU), :mod:`~retclip.evaluation.mask_ap` (COCOeval), :mod:`~retclip.evaluation.report` (the
-reported numbers and files) and :mod:`~retclip.evaluation.runner` (datasets, cache, loops); the
+files), :mod:`~retclip.evaluation.evaluator` (the numbers), :mod:`~retclip.evaluation.datasets`,
+:mod:`~retclip.evaluation.cache`, :mod:`~retclip.evaluation.loop` and
+:mod:`~retclip.evaluation.predictions` (scoring outside predictions); the
 commands are :mod:`retclip.cli.eval` (``retclip eval`` / ``retclip sweep``). Names below load on
 first use, so that the command line starts without loading torch.
 """
@@ -20,18 +22,18 @@ _EXPORTS = {
     "pq_per_class": "panoptic_quality",
     "pq_summary": "panoptic_quality",
     "SemanticConfusion": "semantic",
-    "Evaluator": "report",
+    "Evaluator": "evaluator",
     "markdown_table": "report",
     "write_report": "report",
-    "DatasetSpec": "runner",
-    "EvalDataset": "runner",
-    "GroundTruth": "runner",
-    "PredictionFolder": "runner",
-    "ScoreCache": "runner",
-    "run_model": "runner",
-    "score_cache": "runner",
-    "score_predictions": "runner",
-    "sweep_grid": "runner",
+    "DatasetSpec": "datasets",
+    "EvalDataset": "datasets",
+    "GroundTruth": "datasets",
+    "PredictionFolder": "predictions",
+    "ScoreCache": "cache",
+    "run_model": "loop",
+    "score_cache": "loop",
+    "score_predictions": "predictions",
+    "sweep_grid": "loop",
 }
 
 __all__ = sorted(_EXPORTS)

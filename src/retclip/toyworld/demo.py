@@ -27,7 +27,9 @@ from retclip.backbones.base import Backbone
 from retclip.database import FeatureDatabase
 from retclip.database.build import build_database, items_from_dataset
 from retclip.datasets import CocoPanopticDataset
-from retclip.evaluation.runner import DatasetSpec, EvalDataset, ScoreCache, run_model, score_cache
+from retclip.evaluation.cache import ScoreCache
+from retclip.evaluation.datasets import DatasetSpec, EvalDataset
+from retclip.evaluation.loop import run_model, score_cache
 from retclip.files import atomic_write, atomic_writer
 from retclip.images import load_image, save_png
 from retclip.outputs import render_overlay

@@ -1,5 +1,10 @@
 """The on-disk feature database: mask-pooled segment features with class labels (paper §2.1).
 
+This module is :class:`FeatureDatabase` alone (creation, reads, the commit protocol, edits and
+the index lifecycle of one database: one job, which is why it runs past 500 lines); the files
+below it (``meta.json``, shards, the lock) are read and written by :mod:`retclip.database.shards`
+and ``meta.json``'s schema is :mod:`retclip.database.meta`.
+
 Each row is one segment: its L2-normalised backbone feature (dim ``D``), the id of its class label
 and where it came from. At inference a segment feature retrieves its ``k`` most similar rows
 (inner product of unit vectors = cosine) through a FAISS index (paper §2.2, retrieval path).
@@ -46,270 +51,50 @@ other processes become visible when it is reopened or writes itself.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import json
 import os
-import re
 import shutil
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-from pydantic import ValidationError
 
 from retclip.backbones.base import BackboneFingerprint
 from retclip.database.index import IndexSpec, build_index, load_index, save_index, search_index
-from retclip.database.meta import DatabaseMeta
+from retclip.database.shards import (
+    DTYPES,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    META_NAME,
+    METRIC,
+    PROVENANCE_KEYS,
+    SHARD_DIR,
+    DatabaseLabel,
+    ShardRows,
+    check_shard_files,
+    column,
+    locked,
+    merge_completed,
+    read_meta,
+    read_rows,
+    read_shard,
+    string_array,
+    utc_now,
+    write_meta,
+    write_shard,
+)
 from retclip.errors import DatabaseError, DatabaseMismatchError, InputError
 from retclip.files import (
-    LockUnavailable,
-    atomic_write,
-    atomic_writer,
-    file_lock,
     file_sha256,
     fsync_dir,
 )
 
-FORMAT_VERSION = 1
-METRIC = "inner_product"
-DTYPES = ("float16", "float32")
-META_NAME = "meta.json"
-SHARD_DIR = "shards"
-INDEX_NAME = "index.faiss"
-LOCK_NAME = ".lock"
-_SHARD_NAME = re.compile(r"^\d{6,}\.npz$")
-_PROVENANCE_KEYS = ("sources", "boxes", "mask_areas", "scores", "build_ids")
-_SHARD_KEYS = ("features", "label_ids", *_PROVENANCE_KEYS)
-# Expected (dtype kind, trailing shape) of each shard array; features are checked separately.
-_COLUMN_KINDS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "label_ids": ("i", ()),
-    "sources": ("U", ()),
-    "boxes": ("f", (4,)),
-    "mask_areas": ("i", ()),
-    "scores": ("f", ()),
-    "build_ids": ("U", ()),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class DatabaseLabel:
-    """A class label of the database: its name and the synonyms used to embed it as text."""
-
-    name: str
-    synonyms: tuple[str, ...]
-
-
-@dataclasses.dataclass
-class _Rows:
-    """Columns of a set of rows, as stored (features in the database dtype)."""
-
-    features: np.ndarray  # [n, D]
-    label_ids: np.ndarray  # [n] int32
-    sources: np.ndarray  # [n] unicode
-    boxes: np.ndarray  # [n, 4] float32
-    mask_areas: np.ndarray  # [n] int64
-    scores: np.ndarray  # [n] float32
-    build_ids: np.ndarray  # [n] unicode
-
-    def __len__(self) -> int:
-        return int(self.label_ids.shape[0])
-
-    def select(self, keep: np.ndarray) -> _Rows:
-        return _Rows(**{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
-
-    @classmethod
-    def concat(cls, parts: Sequence[_Rows], dim: int, dtype: str) -> _Rows:
-        if not parts:
-            return cls.empty(dim, dtype)
-        return cls(
-            **{
-                f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                for f in dataclasses.fields(cls)
-            }
-        )
-
-    @classmethod
-    def empty(cls, dim: int, dtype: str) -> _Rows:
-        return cls(
-            features=np.zeros((0, dim), dtype=dtype),
-            label_ids=np.zeros(0, np.int32),
-            sources=np.zeros(0, dtype="<U1"),
-            boxes=np.zeros((0, 4), np.float32),
-            mask_areas=np.zeros(0, np.int64),
-            scores=np.zeros(0, np.float32),
-            build_ids=np.zeros(0, dtype="<U1"),
-        )
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_meta(db_path: Path, meta: dict[str, Any]) -> None:
-    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(db_path / META_NAME, text, durable=True)
-
-
-def _write_shard(shard_dir: Path, number: int, rows: _Rows) -> dict[str, Any]:
-    """Write ``rows`` as shard ``number`` atomically; returns its meta.json entry (sans builds)."""
-    name = f"{number:06d}.npz"
-    arrays = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
-    with atomic_writer(shard_dir / name, durable=True) as handle:
-        np.savez(handle, **arrays)
-    path = shard_dir / name
-    return {
-        "file": name,
-        "rows": len(rows),
-        "bytes": path.stat().st_size,
-        "sha256": file_sha256(path),
-    }
-
-
-@contextmanager
-def _locked(db_path: Path) -> Iterator[None]:
-    """Hold the database's exclusive writer lock (``.lock``, across processes)."""
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(file_lock(db_path / LOCK_NAME))
-        except LockUnavailable as error:
-            raise DatabaseError(
-                f"cannot write to feature database {db_path}: {error.reason}"
-            ) from None
-        yield
-
-
-def _corrupt(meta_path: Path, what: str) -> DatabaseError:
-    return DatabaseError(f"corrupt feature database meta file {meta_path}: {what}")
-
-
-def _read_meta(db_path: Path) -> dict[str, Any]:
-    """Read and validate ``meta.json``; anything malformed → :class:`DatabaseError`."""
-    meta_path = db_path / META_NAME
-    if not meta_path.is_file():
-        raise DatabaseError(f"no feature database at {db_path} (no {META_NAME})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupt(meta_path, f"not valid JSON ({error})") from None
-    if not isinstance(meta, dict):
-        raise _corrupt(meta_path, "expected a JSON object")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _corrupt(meta_path, f"format_version {version!r}; expected {FORMAT_VERSION}")
-    try:
-        DatabaseMeta.model_validate(meta)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        if where:
-            raise _corrupt(meta_path, f"missing or malformed {where!r} ({first['msg']})") from None
-        raise _corrupt(meta_path, str(first["msg"]).removeprefix("Value error, ")) from None
-    try:
-        IndexSpec.from_dict(meta["index"])
-        BackboneFingerprint.from_dict(meta["fingerprint"])
-    except (InputError, TypeError) as error:
-        raise _corrupt(meta_path, str(error)) from None
-    meta.setdefault("index_file", None)
-    return meta
-
-
-def _check_shard_files(db_path: Path, meta: dict[str, Any], verify: bool) -> None:
-    """Every listed shard must exist with its recorded size (and checksum when ``verify``)."""
-    for shard in meta["shards"]:
-        path = db_path / SHARD_DIR / shard["file"]
-        if not path.is_file():
-            raise DatabaseError(
-                f"corrupt feature database {db_path}: shard {path} listed in {META_NAME} is missing"
-            )
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            raise DatabaseError(
-                f"corrupt shard {path}: {size} bytes, {META_NAME} records {shard['bytes']} "
-                "(truncated or overwritten)"
-            )
-        if verify and file_sha256(path) != shard["sha256"]:
-            raise DatabaseError(f"corrupt shard {path}: sha256 differs from {META_NAME}")
-
-
-def _read_shard(
-    db_path: Path, meta: dict[str, Any], shard: dict[str, Any], keys: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """Load ``keys`` of one shard, checking their dtypes and shapes against ``meta``."""
-    path = db_path / SHARD_DIR / shard["file"]
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in keys}
-    except FileNotFoundError:
-        raise DatabaseError(
-            f"shard {path} is missing (the database changed on disk; reopen it)"
-        ) from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        raise DatabaseError(f"corrupt shard {path}: {error}") from None
-    n = shard["rows"]
-    for key, array in arrays.items():
-        if key == "features":
-            ok = array.shape == (n, meta["dim"]) and array.dtype == np.dtype(meta["dtype"])
-        else:
-            kind, tail = _COLUMN_KINDS[key]
-            ok = array.dtype.kind == kind and array.shape == (n, *tail)
-        if not ok:
-            raise DatabaseError(
-                f"corrupt shard {path}: {key} has shape {array.shape} {array.dtype}, "
-                f"expected {n} rows"
-            )
-    labels = arrays.get("label_ids")
-    if (
-        labels is not None
-        and labels.size
-        and (labels.min() < 0 or labels.max() >= len(meta["labels"]))
-    ):
-        raise DatabaseError(f"corrupt shard {path}: label ids outside the label table")
-    return arrays
-
-
-def _read_rows(db_path: Path, meta: dict[str, Any]) -> _Rows:
-    """All rows of the snapshot ``meta``, features in the stored dtype."""
-    parts = [_Rows(**_read_shard(db_path, meta, shard, _SHARD_KEYS)) for shard in meta["shards"]]
-    rows = _Rows.concat(parts, meta["dim"], meta["dtype"])
-    rows.label_ids = rows.label_ids.astype(np.int32, copy=False)
-    return rows
-
-
-def _merge_completed(records: Iterable[Mapping[str, Sequence[str]]]) -> dict[str, set[str]]:
-    merged: dict[str, set[str]] = {}
-    for record in records:
-        for build_id, sources in record.items():
-            merged.setdefault(build_id, set()).update(sources)
-    return merged
-
-
-def _string_array(values: Sequence[str], what: str, n: int | None) -> np.ndarray:
-    array = np.asarray(list(values))
-    if array.size == 0:
-        array = array.astype("<U1")
-    if array.ndim != 1 or array.dtype.kind != "U":
-        raise InputError(f"{what} must be a sequence of strings; got {array.dtype} {array.shape}")
-    if n is not None and array.shape[0] != n:
-        raise InputError(f"{what} has {array.shape[0]} entries; expected {n} (one per row)")
-    return array
-
-
-def _column(
-    values: Any, what: str, shape: tuple[int, ...], dtype: type, fill: float | int
-) -> np.ndarray:
-    if values is None:
-        return np.full(shape, fill, dtype=dtype)
-    array = np.asarray(values)
-    if array.shape != shape or not np.issubdtype(array.dtype, np.number):
-        raise InputError(f"{what} has shape {array.shape} {array.dtype}; expected numbers {shape}")
-    return array.astype(dtype)
+__all__ = ["DTYPES", "FORMAT_VERSION", "META_NAME", "DatabaseLabel", "FeatureDatabase"]
 
 
 class FeatureDatabase:
@@ -371,7 +156,7 @@ class FeatureDatabase:
                 "expected a new or empty directory"
             )
         (db_path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        now = _now()
+        stamp = utc_now()
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint.to_dict(),
@@ -386,11 +171,11 @@ class FeatureDatabase:
             "index_file": None,
             "shards": [],
             "generation": 0,
-            "created": now,
-            "updated": now,
+            "created": stamp,
+            "updated": stamp,
         }
-        with _locked(db_path):
-            _write_meta(db_path, meta)
+        with locked(db_path):
+            write_meta(db_path, meta)
         return cls(db_path, meta)
 
     @classmethod
@@ -401,8 +186,8 @@ class FeatureDatabase:
         ``verify``, its SHA-256 (reads every shard once). Problems → :class:`DatabaseError`.
         """
         db_path = Path(path)
-        meta = _read_meta(db_path)
-        _check_shard_files(db_path, meta, verify)
+        meta = read_meta(db_path)
+        check_shard_files(db_path, meta, verify)
         return cls(db_path, meta)
 
     # -- properties -----------------------------------------------------------------------
@@ -458,7 +243,7 @@ class FeatureDatabase:
             out = np.empty((self.num_rows, self.dim), dtype=np.float32)
             start = 0
             for shard in self._meta["shards"]:
-                part = _read_shard(self._path, self._meta, shard, ("features",))["features"]
+                part = read_shard(self._path, self._meta, shard, ("features",))["features"]
                 out[start : start + shard["rows"]] = part
                 start += shard["rows"]
             self._features = out
@@ -466,9 +251,9 @@ class FeatureDatabase:
 
     def _load_columns(self) -> dict[str, np.ndarray]:
         if self._columns is None:
-            keys = ("label_ids", *_PROVENANCE_KEYS)
-            parts = [_read_shard(self._path, self._meta, s, keys) for s in self._meta["shards"]]
-            empty = _Rows.empty(self.dim, self.dtype)
+            keys = ("label_ids", *PROVENANCE_KEYS)
+            parts = [read_shard(self._path, self._meta, s, keys) for s in self._meta["shards"]]
+            empty = ShardRows.empty(self.dim, self.dtype)
             self._columns = {
                 key: np.concatenate([p[key] for p in parts]) if parts else getattr(empty, key)
                 for key in keys
@@ -484,7 +269,7 @@ class FeatureDatabase:
         """Per-row ``sources`` [R] str, ``boxes`` [R, 4] float32 XYXY px, ``mask_areas`` [R] int64,
         ``scores`` [R] float32 and ``build_ids`` [R] str (NaN / -1 where unknown)."""
         columns = self._load_columns()
-        return {key: columns[key] for key in _PROVENANCE_KEYS}
+        return {key: columns[key] for key in PROVENANCE_KEYS}
 
     def rows_per_class(self) -> dict[str, int]:
         """``{label name: row count}`` in label-id order."""
@@ -556,8 +341,8 @@ class FeatureDatabase:
     @contextmanager
     def _writing(self) -> Iterator[dict[str, Any]]:
         """Lock, re-read the committed meta.json, drop crash leftovers; yields that meta."""
-        with _locked(self._path):
-            meta = _read_meta(self._path)
+        with locked(self._path):
+            meta = read_meta(self._path)
             self._clean_orphans(meta)
             yield meta
 
@@ -581,7 +366,7 @@ class FeatureDatabase:
     def _commit(
         self,
         meta: dict[str, Any],
-        rows: _Rows,
+        rows: ShardRows,
         labels: list[DatabaseLabel],
         build_ids: Iterable[str],
         completed: Mapping[str, Iterable[str]],
@@ -590,7 +375,7 @@ class FeatureDatabase:
     ) -> None:
         """Write ``rows`` as a new shard and commit ``meta`` (appended, or replacing all shards)."""
         number = 1 + max((int(s["file"].split(".")[0]) for s in meta["shards"]), default=0)
-        entry = _write_shard(self._path / SHARD_DIR, number, rows)
+        entry = write_shard(self._path / SHARD_DIR, number, rows)
         entry["build_ids"] = sorted(set(build_ids))
         entry["completed_sources"] = {b: sorted(s) for b, s in sorted(completed.items())}
         counts = np.bincount(rows.label_ids, minlength=len(labels))
@@ -606,8 +391,8 @@ class FeatureDatabase:
         meta["labels"] = [{"name": lb.name, "synonyms": list(lb.synonyms)} for lb in labels]
         meta["rows_per_class"] = {lb.name: int(c) for lb, c in zip(labels, counts, strict=True)}
         meta["generation"] += 1
-        meta["updated"] = _now()
-        _write_meta(self._path, meta)
+        meta["updated"] = utc_now()
+        write_meta(self._path, meta)
         if replace:
             for name in old_files:
                 (self._path / SHARD_DIR / name).unlink(missing_ok=True)
@@ -658,18 +443,18 @@ class FeatureDatabase:
             bad = int(np.flatnonzero(norms[:, 0] == 0)[0])
             raise InputError(f"feature row {bad} is all zeros; cannot L2-normalise it")
         feats /= norms
-        label_arr = _string_array(labels, "labels", n)
+        label_arr = string_array(labels, "labels", n)
         if (label_arr == "").any():
             raise InputError("labels contain an empty name; expected non-empty class names")
-        source_arr = _string_array(sources, "sources", n)
-        done = _string_array(completed_sources, "completed_sources", None)
+        source_arr = string_array(sources, "sources", n)
+        done = string_array(completed_sources, "completed_sources", None)
         if n == 0 and done.size == 0:
             raise InputError("nothing to add: no feature rows and no completed_sources")
         if not isinstance(build_id, str):
             raise InputError(f"build_id {build_id!r}; expected a string")
-        box_arr = _column(boxes, "boxes", (n, 4), np.float32, np.nan)
-        area_arr = _column(mask_areas, "mask_areas", (n,), np.int64, -1)
-        score_arr = _column(scores, "scores", (n,), np.float32, np.nan)
+        box_arr = column(boxes, "boxes", (n, 4), np.float32, np.nan)
+        area_arr = column(mask_areas, "mask_areas", (n,), np.int64, -1)
+        score_arr = column(scores, "scores", (n,), np.float32, np.nan)
         extra = dict(synonyms or {})
 
         with self._writing() as meta:
@@ -687,7 +472,7 @@ class FeatureDatabase:
                     ids[name] = len(table)
                     table.append(DatabaseLabel(name, wanted or (name,)))
             lookup = np.array([ids[name] for name in names.tolist()], dtype=np.int32)
-            rows = _Rows(
+            rows = ShardRows(
                 features=feats.astype(meta["dtype"]),
                 label_ids=lookup[inverse.reshape(-1)].astype(np.int32),
                 sources=source_arr,
@@ -706,7 +491,7 @@ class FeatureDatabase:
         Unknown names → :class:`InputError`. Labels left without rows leave the label table, so
         label ids are renumbered.
         """
-        wanted = set(_string_array(names, "class names", None).tolist())
+        wanted = set(string_array(names, "class names", None).tolist())
         with self._writing() as meta:
             known = [d["name"] for d in meta["labels"]]
             unknown = sorted(wanted - set(known))
@@ -719,20 +504,20 @@ class FeatureDatabase:
                     f"known labels: {shown or '(none)'}"
                 )
             drop = np.array([i for i, name in enumerate(known) if name in wanted], dtype=np.int32)
-            rows = _read_rows(self._path, meta)
+            rows = read_rows(self._path, meta)
             keep = ~np.isin(rows.label_ids, drop)
-            completed = _merge_completed(s["completed_sources"] for s in meta["shards"])
+            completed = merge_completed(s["completed_sources"] for s in meta["shards"])
             return self._compact(meta, rows, keep, completed)
 
     def remove_sources(self, sources: Sequence[str]) -> int:
         """Delete every row pooled from ``sources`` and forget them as completed (one compacted
         shard); returns rows removed. Labels left without rows leave the label table."""
-        gone = _string_array(sources, "sources", None)
+        gone = string_array(sources, "sources", None)
         gone_set = set(gone.tolist())
         with self._writing() as meta:
-            rows = _read_rows(self._path, meta)
+            rows = read_rows(self._path, meta)
             keep = ~np.isin(rows.sources, gone)
-            completed = _merge_completed(s["completed_sources"] for s in meta["shards"])
+            completed = merge_completed(s["completed_sources"] for s in meta["shards"])
             forgotten = any(done & gone_set for done in completed.values())
             if keep.all() and not forgotten:
                 return 0
@@ -742,7 +527,7 @@ class FeatureDatabase:
     def _compact(
         self,
         meta: dict[str, Any],
-        rows: _Rows,
+        rows: ShardRows,
         keep: np.ndarray,
         completed: Mapping[str, Iterable[str]],
     ) -> int:
@@ -796,9 +581,9 @@ class FeatureDatabase:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise DatabaseError(f"cannot merge into {out}: it exists and is not an empty directory")
         table: dict[str, tuple[str, ...]] = {}
-        parts: list[_Rows] = []
+        parts: list[ShardRows] = []
         for db in databases:
-            rows = _read_rows(db.path, db._meta)
+            rows = read_rows(db.path, db._meta)
             for label in db.labels:
                 table[label.name] = tuple(dict.fromkeys(table.get(label.name, ()) + label.synonyms))
             position = {name: i for i, name in enumerate(table)}
@@ -807,9 +592,9 @@ class FeatureDatabase:
                 rows.label_ids = lookup[rows.label_ids]
             rows.features = rows.features.astype(out_dtype)
             parts.append(rows)
-        merged = _Rows.concat(parts, first.dim, out_dtype)
+        merged = ShardRows.concat(parts, first.dim, out_dtype)
         labels = [DatabaseLabel(name, synonyms) for name, synonyms in table.items()]
-        completed = _merge_completed(
+        completed = merge_completed(
             s["completed_sources"] for db in databases for s in db._meta["shards"]
         )
         build_ids = {b for db in databases for s in db._meta["shards"] for b in s["build_ids"]}
@@ -841,7 +626,7 @@ class FeatureDatabase:
             drop_file = exact and meta.get("index_file") is not None
             if drop_file:
                 meta["index_file"] = None
-            _write_meta(self._path, meta)
+            write_meta(self._path, meta)
             if drop_file:
                 (self._path / INDEX_NAME).unlink(missing_ok=True)
         self._refresh(meta)
@@ -859,7 +644,7 @@ class FeatureDatabase:
         with self._writing() as meta:
             if meta.get("pooling") is None and not meta["rows"]:
                 meta["pooling"] = pooling
-                _write_meta(self._path, meta)
+                write_meta(self._path, meta)
         self._refresh(meta)
 
     def set_index(self, spec: IndexSpec) -> None:
@@ -913,7 +698,7 @@ class FeatureDatabase:
                     "bytes": (self._path / INDEX_NAME).stat().st_size,
                     "sha256": digest,
                 }
-                _write_meta(self._path, meta)
+                write_meta(self._path, meta)
             self._refresh(meta)
         except OSError as error:
             warnings.warn(f"could not save index to {self._path}: {error}", stacklevel=3)

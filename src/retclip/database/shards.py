@@ -1,0 +1,266 @@
+"""The files of a feature database below its class: ``meta.json``, shards, the writer lock.
+
+Constants of the format, the row container, and the functions that write and read a
+committed state (the commit protocol is :class:`~retclip.database.store.FeatureDatabase`'s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from retclip.backbones.base import BackboneFingerprint
+from retclip.database.index import IndexSpec
+from retclip.database.meta import DatabaseMeta
+from retclip.errors import DatabaseError, InputError
+from retclip.files import (
+    LockUnavailable,
+    atomic_write,
+    atomic_writer,
+    file_lock,
+    file_sha256,
+)
+
+FORMAT_VERSION = 1
+METRIC = "inner_product"
+DTYPES = ("float16", "float32")
+META_NAME = "meta.json"
+SHARD_DIR = "shards"
+INDEX_NAME = "index.faiss"
+LOCK_NAME = ".lock"
+SHARD_NAME = re.compile(r"^\d{6,}\.npz$")
+PROVENANCE_KEYS = ("sources", "boxes", "mask_areas", "scores", "build_ids")
+SHARD_KEYS = ("features", "label_ids", *PROVENANCE_KEYS)
+# Expected (dtype kind, trailing shape) of each shard array; features are checked separately.
+COLUMN_KINDS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "label_ids": ("i", ()),
+    "sources": ("U", ()),
+    "boxes": ("f", (4,)),
+    "mask_areas": ("i", ()),
+    "scores": ("f", ()),
+    "build_ids": ("U", ()),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseLabel:
+    """A class label of the database: its name and the synonyms used to embed it as text."""
+
+    name: str
+    synonyms: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class ShardRows:
+    """Columns of a set of rows, as stored (features in the database dtype)."""
+
+    features: np.ndarray  # [n, D]
+    label_ids: np.ndarray  # [n] int32
+    sources: np.ndarray  # [n] unicode
+    boxes: np.ndarray  # [n, 4] float32
+    mask_areas: np.ndarray  # [n] int64
+    scores: np.ndarray  # [n] float32
+    build_ids: np.ndarray  # [n] unicode
+
+    def __len__(self) -> int:
+        return int(self.label_ids.shape[0])
+
+    def select(self, keep: np.ndarray) -> ShardRows:
+        return ShardRows(**{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
+
+    @classmethod
+    def concat(cls, parts: Sequence[ShardRows], dim: int, dtype: str) -> ShardRows:
+        if not parts:
+            return cls.empty(dim, dtype)
+        return cls(
+            **{
+                f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                for f in dataclasses.fields(cls)
+            }
+        )
+
+    @classmethod
+    def empty(cls, dim: int, dtype: str) -> ShardRows:
+        return cls(
+            features=np.zeros((0, dim), dtype=dtype),
+            label_ids=np.zeros(0, np.int32),
+            sources=np.zeros(0, dtype="<U1"),
+            boxes=np.zeros((0, 4), np.float32),
+            mask_areas=np.zeros(0, np.int64),
+            scores=np.zeros(0, np.float32),
+            build_ids=np.zeros(0, dtype="<U1"),
+        )
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_meta(db_path: Path, meta: dict[str, Any]) -> None:
+    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(db_path / META_NAME, text, durable=True)
+
+
+def write_shard(shard_dir: Path, number: int, rows: ShardRows) -> dict[str, Any]:
+    """Write ``rows`` as shard ``number`` atomically; returns its meta.json entry (sans builds)."""
+    name = f"{number:06d}.npz"
+    arrays = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
+    with atomic_writer(shard_dir / name, durable=True) as handle:
+        np.savez(handle, **arrays)
+    path = shard_dir / name
+    return {
+        "file": name,
+        "rows": len(rows),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
+
+
+@contextmanager
+def locked(db_path: Path) -> Iterator[None]:
+    """Hold the database's exclusive writer lock (``.lock``, across processes)."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(db_path / LOCK_NAME))
+        except LockUnavailable as error:
+            raise DatabaseError(
+                f"cannot write to feature database {db_path}: {error.reason}"
+            ) from None
+        yield
+
+
+def corrupt(meta_path: Path, what: str) -> DatabaseError:
+    return DatabaseError(f"corrupt feature database meta file {meta_path}: {what}")
+
+
+def read_meta(db_path: Path) -> dict[str, Any]:
+    """Read and validate ``meta.json``; anything malformed → :class:`DatabaseError`."""
+    meta_path = db_path / META_NAME
+    if not meta_path.is_file():
+        raise DatabaseError(f"no feature database at {db_path} (no {META_NAME})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise corrupt(meta_path, f"not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise corrupt(meta_path, "expected a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise corrupt(meta_path, f"format_version {version!r}; expected {FORMAT_VERSION}")
+    try:
+        DatabaseMeta.model_validate(meta)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if where:
+            raise corrupt(meta_path, f"missing or malformed {where!r} ({first['msg']})") from None
+        raise corrupt(meta_path, str(first["msg"]).removeprefix("Value error, ")) from None
+    try:
+        IndexSpec.from_dict(meta["index"])
+        BackboneFingerprint.from_dict(meta["fingerprint"])
+    except (InputError, TypeError) as error:
+        raise corrupt(meta_path, str(error)) from None
+    meta.setdefault("index_file", None)
+    return meta
+
+
+def check_shard_files(db_path: Path, meta: dict[str, Any], verify: bool) -> None:
+    """Every listed shard must exist with its recorded size (and checksum when ``verify``)."""
+    for shard in meta["shards"]:
+        path = db_path / SHARD_DIR / shard["file"]
+        if not path.is_file():
+            raise DatabaseError(
+                f"corrupt feature database {db_path}: shard {path} listed in {META_NAME} is missing"
+            )
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise DatabaseError(
+                f"corrupt shard {path}: {size} bytes, {META_NAME} records {shard['bytes']} "
+                "(truncated or overwritten)"
+            )
+        if verify and file_sha256(path) != shard["sha256"]:
+            raise DatabaseError(f"corrupt shard {path}: sha256 differs from {META_NAME}")
+
+
+def read_shard(
+    db_path: Path, meta: dict[str, Any], shard: dict[str, Any], keys: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Load ``keys`` of one shard, checking their dtypes and shapes against ``meta``."""
+    path = db_path / SHARD_DIR / shard["file"]
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in keys}
+    except FileNotFoundError:
+        raise DatabaseError(
+            f"shard {path} is missing (the database changed on disk; reopen it)"
+        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise DatabaseError(f"corrupt shard {path}: {error}") from None
+    n = shard["rows"]
+    for key, array in arrays.items():
+        if key == "features":
+            ok = array.shape == (n, meta["dim"]) and array.dtype == np.dtype(meta["dtype"])
+        else:
+            kind, tail = COLUMN_KINDS[key]
+            ok = array.dtype.kind == kind and array.shape == (n, *tail)
+        if not ok:
+            raise DatabaseError(
+                f"corrupt shard {path}: {key} has shape {array.shape} {array.dtype}, "
+                f"expected {n} rows"
+            )
+    labels = arrays.get("label_ids")
+    if (
+        labels is not None
+        and labels.size
+        and (labels.min() < 0 or labels.max() >= len(meta["labels"]))
+    ):
+        raise DatabaseError(f"corrupt shard {path}: label ids outside the label table")
+    return arrays
+
+
+def read_rows(db_path: Path, meta: dict[str, Any]) -> ShardRows:
+    """All rows of the snapshot ``meta``, features in the stored dtype."""
+    parts = [ShardRows(**read_shard(db_path, meta, shard, SHARD_KEYS)) for shard in meta["shards"]]
+    rows = ShardRows.concat(parts, meta["dim"], meta["dtype"])
+    rows.label_ids = rows.label_ids.astype(np.int32, copy=False)
+    return rows
+
+
+def merge_completed(records: Iterable[Mapping[str, Sequence[str]]]) -> dict[str, set[str]]:
+    merged: dict[str, set[str]] = {}
+    for record in records:
+        for build_id, sources in record.items():
+            merged.setdefault(build_id, set()).update(sources)
+    return merged
+
+
+def string_array(values: Sequence[str], what: str, n: int | None) -> np.ndarray:
+    array = np.asarray(list(values))
+    if array.size == 0:
+        array = array.astype("<U1")
+    if array.ndim != 1 or array.dtype.kind != "U":
+        raise InputError(f"{what} must be a sequence of strings; got {array.dtype} {array.shape}")
+    if n is not None and array.shape[0] != n:
+        raise InputError(f"{what} has {array.shape[0]} entries; expected {n} (one per row)")
+    return array
+
+
+def column(
+    values: Any, what: str, shape: tuple[int, ...], dtype: type, fill: float | int
+) -> np.ndarray:
+    if values is None:
+        return np.full(shape, fill, dtype=dtype)
+    array = np.asarray(values)
+    if array.shape != shape or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{what} has shape {array.shape} {array.dtype}; expected numbers {shape}")
+    return array.astype(dtype)

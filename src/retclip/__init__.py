@@ -14,8 +14,7 @@ Names are imported lazily, so ``import retclip`` (and the CLI's ``--help``) stay
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from retclip.lazy import lazy_exports
 
 _EXPORTS = {
     "RetclipError": "retclip.errors",
@@ -25,15 +24,13 @@ _EXPORTS = {
     "Segmenter": "retclip.segmenter",
     "SegmentationResult": "retclip.segmenter",
     "MaskScores": "retclip.segmenter",
-    "Settings": "retclip.segmenter",
+    "Settings": "retclip.settings",
+    "ModelSpec": "retclip.pipeline",
+    "PipelineSpec": "retclip.pipeline",
+    "build_segmenter": "retclip.pipeline",
     "Vocabulary": "retclip.vocabulary",
     "FeatureDatabase": "retclip.database",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'retclip' has no attribute {name!r}")
+__getattr__ = lazy_exports("retclip", _EXPORTS)

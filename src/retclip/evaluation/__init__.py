@@ -11,8 +11,7 @@ first use, so that the command line starts without loading torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from retclip.lazy import lazy_exports
 
 _EXPORTS = {
     "MaskAPAccumulator": "mask_ap",
@@ -39,8 +38,6 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'retclip.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"retclip.evaluation.{module}"), name)
+__getattr__ = lazy_exports(
+    "retclip.evaluation", {n: f"retclip.evaluation.{m}" for n, m in _EXPORTS.items()}
+)

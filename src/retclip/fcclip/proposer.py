@@ -34,8 +34,8 @@ from retclip.errors import InputError
 from retclip.fcclip.checkpoint import load_fcclip_weights, load_weights
 from retclip.fcclip.model import CONVNEXT_LARGE, FCCLIP, RN50X64, FCCLIPConfig, masks_to_image
 from retclip.images import SourceImage, image_to_tensor
-from retclip.proposers.base import MaskProposer, Proposals
-from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
+from retclip.proposers.base import MaskProposer, Proposals, TextEmbeddings
+from retclip.text_embeddings import embed_vocabulary
 from retclip.vocabulary import Vocabulary
 
 
@@ -112,10 +112,7 @@ class FcclipProposer(MaskProposer):
 
     @torch.inference_mode()
     def propose(
-        self,
-        image: SourceImage,
-        vocabulary: Vocabulary,
-        text_embeddings: ClassEmbeddings | None = None,
+        self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
         """All ``Q`` queries of ``image`` for ``vocabulary`` (all synonyms of each class),
         classified with ``text_embeddings`` when given (the segmenter's; else embedded here)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from retclip.images import SourceImage
     from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
+
+
+#: The optional text embeddings :meth:`MaskProposer.propose` receives (see there).
+TextEmbeddings: TypeAlias = "ClassEmbeddings | None"
 
 
 @dataclasses.dataclass
@@ -155,10 +159,7 @@ class MaskProposer(abc.ABC):
 
     @abc.abstractmethod
     def propose(
-        self,
-        image: SourceImage,
-        vocabulary: Vocabulary,
-        text_embeddings: ClassEmbeddings | None = None,
+        self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
         """Masks for one image.
 

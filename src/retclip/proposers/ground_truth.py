@@ -9,12 +9,11 @@ import numpy as np
 
 from retclip.datasets.coco_panoptic import CocoPanopticDataset
 from retclip.errors import InputError
-from retclip.proposers.base import MaskProposer, Proposals
+from retclip.proposers.base import MaskProposer, Proposals, TextEmbeddings
 from retclip.vocabulary import Vocabulary, normalize_name
 
 if TYPE_CHECKING:
     from retclip.images import SourceImage
-    from retclip.text_embeddings import ClassEmbeddings
 
 
 class GroundTruthProposer(MaskProposer):
@@ -32,10 +31,7 @@ class GroundTruthProposer(MaskProposer):
         self.include_crowd = include_crowd
 
     def propose(
-        self,
-        image: SourceImage,
-        vocabulary: Vocabulary,
-        text_embeddings: ClassEmbeddings | None = None,
+        self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
         if image.source is None:
             raise InputError("the ground-truth proposer needs the image's file name")

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from retclip.errors import InputError
-from retclip.proposers.base import MaskProposer, Proposals
+from retclip.proposers.base import MaskProposer, Proposals, TextEmbeddings
 
 if TYPE_CHECKING:
     from retclip.images import SourceImage
-    from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
 
 
@@ -55,10 +54,7 @@ class RegionsProposer(MaskProposer):
         self.min_area = min_area
 
     def propose(
-        self,
-        image: SourceImage,
-        vocabulary: Vocabulary,
-        text_embeddings: ClassEmbeddings | None = None,
+        self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
         from skimage import graph
         from skimage.filters import gaussian, sobel

@@ -26,7 +26,7 @@ from torchvision.ops import batched_nms
 
 from retclip.errors import InputError
 from retclip.hub import hf_load, resolve_model
-from retclip.proposers.base import MaskProposer, Proposals
+from retclip.proposers.base import MaskProposer, Proposals, TextEmbeddings
 from retclip.proposers.mask_ops import mask_nms
 
 #: The paper's SAM (ViT-B).
@@ -35,7 +35,6 @@ DEFAULT_SAM = "sam-vit-base"
 
 if TYPE_CHECKING:
     from retclip.images import SourceImage
-    from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
 
 
@@ -289,10 +288,7 @@ class DetectorSamProposer(MaskProposer):
         self.mask_nms_iou = mask_nms_iou
 
     def propose(
-        self,
-        image: SourceImage,
-        vocabulary: Vocabulary,
-        text_embeddings: ClassEmbeddings | None = None,
+        self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
         # prompts are first synonyms: display names of built-in vocabularies can be WordNet
         # lists ("road, route") that read badly as prompts

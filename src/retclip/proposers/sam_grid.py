@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from retclip.errors import InputError
-from retclip.proposers.base import MaskProposer, Proposals
+from retclip.proposers.base import MaskProposer, Proposals, TextEmbeddings
 from retclip.proposers.mask_ops import mask_nms, stability_score
 from retclip.proposers.sam import DEFAULT_SAM, SamSegmenter
 
 if TYPE_CHECKING:
     from retclip.images import SourceImage
-    from retclip.text_embeddings import ClassEmbeddings
     from retclip.vocabulary import Vocabulary
 
 
@@ -73,10 +72,7 @@ class SamGridProposer(MaskProposer):
         self.min_area = min_area
 
     def propose(
-        self,
-        image: SourceImage,
-        vocabulary: Vocabulary,
-        text_embeddings: ClassEmbeddings | None = None,
+        self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
         height, width = image.size
         sam_image = self.sam.embed(image.pixels)

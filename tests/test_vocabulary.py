@@ -212,3 +212,18 @@ def test_dict_round_trip() -> None:
     assert again.key() == ade.key()
     with pytest.raises(InputError, match="malformed"):
         Vocabulary.from_dict({"classes": [{"synonyms": ["x"]}]})
+
+
+def test_from_choice_takes_exactly_one_source(tmp_path) -> None:
+    assert Vocabulary.from_choice("cat, dog|puppy", None).names == ["cat", "dog"]
+    assert len(Vocabulary.from_choice(None, "ade20k-150")) == 150
+    path = tmp_path / "v.txt"
+    path.write_text("wall ; stuff\nlamp\n")
+    assert Vocabulary.from_choice(" ", str(path)).names == ["wall", "lamp"]
+    for classes, vocab in [(None, None), ("a", "ade20k-150"), ("", "  ")]:
+        with pytest.raises(InputError, match="exactly one of --classes"):
+            Vocabulary.from_choice(classes, vocab)
+    with pytest.raises(InputError, match="unknown vocabulary"):
+        Vocabulary.from_choice(None, str(path), builtin_only=True)  # a server reads no files
+    with pytest.raises(InputError, match="the limit is 1"):
+        Vocabulary.from_choice("a, b", None, max_classes=1)

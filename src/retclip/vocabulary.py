@@ -325,6 +325,43 @@ class Vocabulary:
             )
         return cls.from_file(path)
 
+    @classmethod
+    def from_choice(
+        cls,
+        classes: str | None,
+        vocab: str | None,
+        *,
+        names: tuple[str, str] = ("--classes", "--vocab"),
+        builtin_only: bool = False,
+        max_classes: int | None = None,
+    ) -> Vocabulary:
+        """The vocabulary given as exactly one of a class string (:meth:`from_string`) and a
+        vocabulary spec (:meth:`load`; only a builtin name when ``builtin_only``, as a server
+        must not read files a request names).
+
+        ``names`` are how the two inputs are called in messages (options, form fields).
+        """
+        given_classes = classes is not None and bool(classes.strip())
+        given_vocab = vocab is not None and bool(vocab.strip())
+        if given_classes == given_vocab:
+            raise InputError(
+                f"give exactly one of {names[0]} (e.g. 'cat, dog|puppy') and {names[1]} "
+                f"(one of {', '.join(BUILTIN_VOCABULARIES)}"
+                + ("" if builtin_only else " or a file")
+                + ")"
+            )
+        if given_vocab:
+            spec = (vocab or "").strip()
+            if builtin_only and spec.lower() not in BUILTIN_VOCABULARIES:
+                known = ", ".join(BUILTIN_VOCABULARIES)
+                raise InputError(f"unknown vocabulary {vocab!r}; expected one of {known}")
+            result = cls.load(spec)
+        else:
+            result = cls.from_string(classes or "")
+        if max_classes is not None and len(result) > max_classes:
+            raise InputError(f"{len(result)} classes; the limit is {max_classes}")
+        return result
+
 
 @functools.cache
 def _load_builtin(name: str) -> Vocabulary:

@@ -22,14 +22,6 @@ from retclip.errors import InputError
 from retclip.pipeline import ModelSpec
 
 
-def _vocabulary(classes: str | None, vocab: str | None) -> Any:
-    from retclip.vocabulary import Vocabulary
-
-    if (classes is None) == (vocab is None):
-        raise InputError("give the classes with exactly one of --classes or --vocab")
-    return Vocabulary.from_string(classes) if classes is not None else Vocabulary.load(vocab or "")
-
-
 @click.command(cls=CleanErrorsCommand)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -58,8 +50,9 @@ def segment(
     """
     from retclip.images import load_image
     from retclip.pipeline import build_segmenter
+    from retclip.vocabulary import Vocabulary
 
-    vocabulary = _vocabulary(classes, vocab)
+    vocabulary = Vocabulary.from_choice(classes, vocab)
     stems = [image.stem for image in images]
     if len(set(stems)) != len(stems):
         raise InputError("two images share a file name stem; their outputs would collide")

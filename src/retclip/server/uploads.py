@@ -20,7 +20,7 @@ from retclip.errors import InputError
 from retclip.images import load_image
 from retclip.segmenter import Settings
 from retclip.server.config import ServerError
-from retclip.vocabulary import BUILTIN_VOCABULARIES, Vocabulary
+from retclip.vocabulary import Vocabulary
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -77,22 +77,13 @@ def decode_mask(data: bytes, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 def vocabulary_of(classes: str | None, vocab: str | None, max_classes: int) -> Vocabulary:
     """The request's vocabulary from exactly one of ``classes`` and a built-in ``vocab`` name."""
-    if (classes is None or not classes.strip()) == (vocab is None or not vocab.strip()):
-        raise InputError(
-            "give exactly one of the form fields 'classes' (e.g. 'cat, dog|puppy') and 'vocab' "
-            f"(one of {', '.join(BUILTIN_VOCABULARIES)})"
-        )
-    if vocab is not None and vocab.strip():
-        if vocab.strip() not in BUILTIN_VOCABULARIES:
-            raise InputError(
-                f"unknown vocabulary {vocab!r}; expected one of {', '.join(BUILTIN_VOCABULARIES)}"
-            )
-        result = Vocabulary.builtin(vocab.strip())
-    else:
-        result = Vocabulary.from_string(classes or "")
-    if len(result) > max_classes:
-        raise InputError(f"{len(result)} classes; the limit is {max_classes}")
-    return result
+    return Vocabulary.from_choice(
+        classes,
+        vocab,
+        names=("the form field 'classes'", "'vocab'"),
+        builtin_only=True,
+        max_classes=max_classes,
+    )
 
 
 def settings_of(base: Settings, **changes: Any) -> Settings:

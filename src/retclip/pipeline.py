@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from retclip.errors import InputError
-from retclip.settings import Settings
+from retclip.settings import DEFAULT_K, Settings
 
 if TYPE_CHECKING:
     from retclip.backbones.base import Backbone
@@ -34,8 +34,6 @@ __all__ = ["ModelSpec", "PipelineSpec", "build_segmenter", "spec_error"]
 RECIPES = {"retclip": "grid", "fcclip": "fcclip"}
 #: FC-CLIP's training vocabulary: its classes are "seen" (weight α) with ``--proposer fcclip``.
 FCCLIP_TRAIN_VOCAB = "coco-panoptic-133"
-#: Neighbours retrieved per segment (``retclip.scores.retrieval.DEFAULT_K``, kept torch-free).
-DEFAULT_K = 10
 
 
 def _cli(flag: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -47,8 +47,8 @@ from retclip.pooling import PoolingMode
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.scores.clip import clip_scores
 from retclip.scores.ensemble import ensemble, final_probs
-from retclip.scores.retrieval import DEFAULT_K, Retriever
-from retclip.settings import Settings
+from retclip.scores.retrieval import Retriever
+from retclip.settings import DEFAULT_K, Settings
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import Vocabulary
 

@@ -20,6 +20,9 @@ COMBINE_MODES: tuple[str, ...] = ("linear", "fcclip")
 DEFAULT_ALPHA = 0.4
 DEFAULT_BETA = 0.7
 DEFAULT_GAMMA = 0.3
+#: Neighbours retrieved per segment. The paper does not give its k; 10 lets a class be supported
+#: by several rows while keeping the min-max range local to the query.
+DEFAULT_K = 10
 
 
 def check_weight(name: str, value: float) -> float:

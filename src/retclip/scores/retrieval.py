@@ -32,12 +32,10 @@ import torch
 from retclip.backbones.base import Backbone
 from retclip.caching import LRUCache
 from retclip.database import DatabaseLabel, FeatureDatabase
+from retclip.settings import DEFAULT_K
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import VocabClass, Vocabulary, normalize_name
 
-#: Neighbours retrieved per segment. The paper does not give its k; 10 lets a class be supported
-#: by several rows while keeping the min-max range local to the query.
-DEFAULT_K = 10
 #: (database, state, vocabulary) label matches a retriever keeps (least recently used dropped).
 MATCH_CACHE_SIZE = 64
 #: Cosine between text embeddings of a database label and a class above which they match (paper).

@@ -11,7 +11,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retclip.evaluation.mask_ap import MaskAPAccumulator, rle_of
+from retclip.evaluation.mask_ap import MaskAPAccumulator
+from retclip.outputs.records import encode_rle
 
 CATEGORY_IDS = [3, 5, 8, 13]
 ISTHING = np.array([True, True, True, False])
@@ -28,16 +29,18 @@ def random_images(rng: np.random.Generator, n_images: int, dets_per_image: int):
             mask = np.zeros((32, 40), dtype=bool)
             y, x = int(rng.integers(0, 24)), int(rng.integers(0, 30))
             mask[y : y + int(rng.integers(4, 9)), x : x + int(rng.integers(4, 11))] = True
-            gt.append((cls, rle_of(mask), bool(rng.random() < 0.15), None))
+            gt.append((cls, encode_rle(mask), bool(rng.random() < 0.15), None))
             for _ in range(int(rng.integers(0, 3))):
                 moved = np.roll(mask, (int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), (0, 1))
                 det_cls = cls if rng.random() < 0.8 else int(rng.integers(0, 4))
-                dets.append((det_cls, rle_of(moved), 0.5 * float(rng.random())))
+                dets.append((det_cls, encode_rle(moved), 0.5 * float(rng.random())))
         while len(dets) < dets_per_image:
             mask = np.zeros((32, 40), dtype=bool)
             y, x = int(rng.integers(0, 24)), int(rng.integers(0, 30))
             mask[y : y + 5, x : x + 6] = True
-            dets.append((int(rng.integers(0, 4)), rle_of(mask), 0.5 + 0.5 * float(rng.random())))
+            dets.append(
+                (int(rng.integers(0, 4)), encode_rle(mask), 0.5 + 0.5 * float(rng.random()))
+            )
         images.append((image_id, gt, dets))
     return images
 

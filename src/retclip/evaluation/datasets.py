@@ -15,9 +15,9 @@ from pycocotools.coco import COCO
 from retclip.datasets.ade20k import Ade20kPanoptic, read_semantic
 from retclip.datasets.coco_panoptic import CocoPanopticDataset
 from retclip.errors import InputError
-from retclip.evaluation.mask_ap import rle_of
 from retclip.evaluation.panoptic_quality import SegmentsInfo
 from retclip.images import read_panoptic_png
+from retclip.outputs.records import encode_rle
 from retclip.vocabulary import Vocabulary, normalize_name
 
 DATASET_KINDS = ("coco-panoptic", "ade20k", "coco")
@@ -249,7 +249,7 @@ class EvalDataset:
             return [
                 (
                     int(segments.categories[i]),
-                    rle_of(ids == segments.ids[i]),
+                    encode_rle(ids == segments.ids[i]),
                     bool(crowd[i]),
                     None if areas is None else float(areas[i]),
                 )

@@ -24,9 +24,9 @@ from retclip.evaluation.datasets import (
     EvalDataset,
 )
 from retclip.evaluation.evaluator import Evaluator
-from retclip.evaluation.mask_ap import rle_of
 from retclip.evaluation.panoptic_quality import SegmentsInfo
 from retclip.images import load_image
+from retclip.outputs.records import encode_rle
 from retclip.proposers.base import Proposals
 from retclip.segmenter import (
     MaskScores,
@@ -71,7 +71,7 @@ def _prediction_from_cache(
         categories=np.array([s.category for s in prediction.segments], dtype=np.int64),
     )
     detections = [
-        (inst.category, rle_of(proposals.masks[inst.mask_index]), inst.score)
+        (inst.category, encode_rle(proposals.masks[inst.mask_index]), inst.score)
         for inst in prediction.instances
     ]
     return prediction.panoptic, segments, prediction.semantic, detections

@@ -20,12 +20,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["MaskAPAccumulator", "rle_of"]
-
-
-def rle_of(mask: np.ndarray) -> dict[str, Any]:
-    """COCO RLE of an ``[H, W]`` bool mask (``counts`` as bytes, as pycocotools returns it)."""
-    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+__all__ = ["MaskAPAccumulator"]
 
 
 class MaskAPAccumulator:

@@ -201,3 +201,47 @@ def test_killed_build_resumes_to_the_same_rows(scenes, tmp_path) -> None:
     assert names(resumed) == names(reference)
     for key, values in reference.provenance().items():
         np.testing.assert_array_equal(resumed.provenance()[key], values, err_msg=key)
+
+
+def test_two_runs_of_one_build_at_once_add_every_row_once(scenes, tmp_path) -> None:
+    """Two identical `db add` runs: each read the finished images when it started; the commits
+    re-check under the lock, so no row is added twice, sequentially or in parallel threads."""
+    import threading
+
+    dataset = CocoPanopticDataset(*scenes["db"])
+    items = items_from_dataset(dataset)
+    path = tmp_path / "db"
+    new_db(path)
+
+    def build(db: FeatureDatabase) -> int:
+        report = build_database(
+            db,
+            ColorBackbone(),
+            GroundTruthProposer(dataset),
+            items,
+            build_id="same",
+            batch_size=2,
+            progress=False,
+        )
+        return report.rows
+
+    first, stale = FeatureDatabase.open(path), FeatureDatabase.open(path)  # both before any commit
+    total = build(first) + build(stale)
+    expected = sum(len(dataset.annotation(i).categories) for i in range(len(dataset)))
+    assert total == expected == len(FeatureDatabase.open(path))
+    # and two threads racing on a fresh database
+    racing = tmp_path / "race"
+    new_db(racing)
+    added: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: added.append(build(FeatureDatabase.open(racing))))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(added) == expected == len(FeatureDatabase.open(racing))
+    assert sorted(FeatureDatabase.open(racing).provenance()["sources"]) == sorted(
+        FeatureDatabase.open(path).provenance()["sources"]
+    )

@@ -195,7 +195,7 @@ def build_database(
                     areas.append(mask_areas[keep])
                     scores.append(kept.scores)
             rows = sum(len(f) for f in features)
-            db.add(
+            added = db.add(
                 np.concatenate(features) if rows else np.zeros((0, backbone.dim), np.float32),
                 labels,
                 sources=sources,
@@ -207,7 +207,7 @@ def build_database(
                 completed_sources=[item.source for item in batch],
             )
             report.images += len(batch)
-            report.rows += rows
+            report.rows += added  # fewer when another writer of this build committed them first
             bar.update(len(batch))
             bar.set_postfix(rows=report.rows)
             if on_commit is not None:

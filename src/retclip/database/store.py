@@ -458,6 +458,23 @@ class FeatureDatabase:
         extra = dict(synonyms or {})
 
         with self._writing() as meta:
+            if build_id:
+                # another writer of the same build may have committed these sources since this
+                # one started (two identical `db add` runs): re-checked under the lock, so a
+                # source's rows are committed once
+                already = {
+                    src
+                    for shard in meta["shards"]
+                    for src in shard["completed_sources"].get(build_id, ())
+                }
+                if already:
+                    fresh = ~np.isin(source_arr, list(already))
+                    feats, label_arr, source_arr = feats[fresh], label_arr[fresh], source_arr[fresh]
+                    box_arr, area_arr, score_arr = box_arr[fresh], area_arr[fresh], score_arr[fresh]
+                    done = done[~np.isin(done, list(already))]
+                    n = int(fresh.sum())
+                    if n == 0 and done.size == 0:
+                        return 0
             table = [DatabaseLabel(d["name"], tuple(d["synonyms"])) for d in meta["labels"]]
             ids = {label.name: i for i, label in enumerate(table)}
             names, inverse = np.unique(label_arr, return_inverse=True)

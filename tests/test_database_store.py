@@ -442,3 +442,21 @@ def test_a_shard_name_outside_the_shard_folder_is_refused(tmp_path: Path) -> Non
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(DatabaseError, match=r"'shards\.0\.file'"):
         FeatureDatabase.open(tmp_path / "db")
+
+
+def test_removing_classes_and_sources_is_one_commit(tmp_path: Path) -> None:
+    db, _ = make_db(tmp_path / "db")
+    before = db.generation
+    rows = len(db)
+    sources = db.provenance()["sources"]
+    labels = db.label_ids()
+    name = db.labels[int(labels[0])].name
+    by_class = int((labels == labels[0]).sum())
+    other = next(s for s, label in zip(sources, labels, strict=True) if label != labels[0])
+    from_other = int((sources == other).sum())
+    removed = db.remove(classes=[name], sources=[other])
+    assert removed == by_class + from_other and len(db) == rows - removed
+    assert db.generation == before + 1  # one commit, so a crash leaves all or nothing
+    with pytest.raises(InputError, match="unknown class"):
+        db.remove(classes=["no such class"], sources=[str(sources[0])])
+    assert db.generation == before + 1  # the bad request changed nothing

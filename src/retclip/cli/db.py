@@ -189,8 +189,7 @@ def db_remove(path: Path, classes: tuple[str, ...], sources: tuple[str, ...]) ->
     if not classes and not sources:
         raise InputError("nothing to remove: give --class or --source")
     database = FeatureDatabase.open(path)
-    removed = database.remove_classes(classes) if classes else 0
-    removed += database.remove_sources(sources) if sources else 0
+    removed = database.remove(classes=classes, sources=sources)  # one commit
     click.echo(f"{path}: removed {removed} rows; {len(database)} rows left")
 
 

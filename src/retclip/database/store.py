@@ -502,13 +502,16 @@ class FeatureDatabase:
             self._commit(meta, rows, table, [build_id], {build_id: finished}, replace=False)
         return n
 
-    def remove_classes(self, names: Sequence[str]) -> int:
-        """Delete every row of the named classes (one compacted shard); returns rows removed.
+    def remove(self, *, classes: Sequence[str] = (), sources: Sequence[str] = ()) -> int:
+        """Delete every row of the named ``classes`` and every row pooled from ``sources`` (which
+        are also forgotten as completed), in one commit; returns rows removed.
 
-        Unknown names → :class:`InputError`. Labels left without rows leave the label table, so
-        label ids are renumbered.
+        Unknown class names → :class:`InputError` (nothing changes). Labels left without rows
+        leave the label table, so label ids are renumbered.
         """
-        wanted = set(string_array(names, "class names", None).tolist())
+        wanted = set(string_array(classes, "class names", None).tolist())
+        gone = string_array(sources, "sources", None)
+        gone_set = set(gone.tolist())
         with self._writing() as meta:
             known = [d["name"] for d in meta["labels"]]
             unknown = sorted(wanted - set(known))
@@ -517,29 +520,26 @@ class FeatureDatabase:
                 if len(known) > 50:
                     shown += f", … ({len(known) - 50} more)"
                 raise InputError(
-                    f"unknown class(es) {', '.join(map(repr, unknown))} in database {self._path}; "
-                    f"known labels: {shown or '(none)'}"
+                    f"unknown class(es) {', '.join(map(repr, unknown))} in database "
+                    f"{self._path.name}; known labels: {shown or '(none)'}"
                 )
             drop = np.array([i for i, name in enumerate(known) if name in wanted], dtype=np.int32)
             rows = read_rows(self._path, meta)
-            keep = ~np.isin(rows.label_ids, drop)
-            completed = merge_completed(s["completed_sources"] for s in meta["shards"])
-            return self._compact(meta, rows, keep, completed)
-
-    def remove_sources(self, sources: Sequence[str]) -> int:
-        """Delete every row pooled from ``sources`` and forget them as completed (one compacted
-        shard); returns rows removed. Labels left without rows leave the label table."""
-        gone = string_array(sources, "sources", None)
-        gone_set = set(gone.tolist())
-        with self._writing() as meta:
-            rows = read_rows(self._path, meta)
-            keep = ~np.isin(rows.sources, gone)
+            keep = ~np.isin(rows.label_ids, drop) & ~np.isin(rows.sources, gone)
             completed = merge_completed(s["completed_sources"] for s in meta["shards"])
             forgotten = any(done & gone_set for done in completed.values())
             if keep.all() and not forgotten:
                 return 0
             completed = {b: done - gone_set for b, done in completed.items()}
             return self._compact(meta, rows, keep, completed)
+
+    def remove_classes(self, names: Sequence[str]) -> int:
+        """Delete every row of the named classes (:meth:`remove`); returns rows removed."""
+        return self.remove(classes=names)
+
+    def remove_sources(self, sources: Sequence[str]) -> int:
+        """Delete every row pooled from ``sources`` (:meth:`remove`); returns rows removed."""
+        return self.remove(sources=sources)
 
     def _compact(
         self,

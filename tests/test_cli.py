@@ -259,3 +259,25 @@ def test_a_dataset_used_only_for_its_image_tags(scenes) -> None:
     for i, item in enumerate(items):
         present = {names[c] for c in dataset.annotation(i).categories}
         assert set(item.labels) == present and list(item.labels) == sorted(present, key=names.index)
+
+
+def test_a_failed_db_build_leaves_no_database_behind(scenes, tmp_path, monkeypatch) -> None:
+    json_path, images = scenes["db"]
+    base = ["db", "build", tmp_path / "new", "--coco-panoptic", json_path, "--images", images]
+    for extra, message in [
+        (["--backbone", "color", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--backbone", "color", "--index", "ivf-pq:pq_m=7"], "must divide the feature dimension"),
+    ]:
+        result = run(*base, *extra)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "new").exists()
+    # a failure after creation (here: in the first batch) removes the new, empty database
+    from retclip.errors import InputError
+
+    def broken(*args, **kwargs):
+        raise InputError("unknown category in the first batch")
+
+    monkeypatch.setattr("retclip.database.build.build_database", broken)
+    result = run(*base, "--backbone", "color")
+    assert result.exit_code == 1 and "unknown category" in result.output
+    assert not (tmp_path / "new").exists()

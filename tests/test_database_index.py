@@ -229,3 +229,23 @@ def test_auto_builds_exact_small_and_ivf_large(
     _, ref = exact_topk(x, q, 10)
     recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids, ref, strict=True)])
     assert recall >= 0.9
+
+
+def test_an_index_spec_that_cannot_index_the_dimension_is_refused_before_writing(tmp_path) -> None:
+    from retclip.backbones.base import BackboneFingerprint
+    from retclip.database import FeatureDatabase
+    from retclip.errors import InputError
+
+    fingerprint = BackboneFingerprint("test")
+    bad = IndexSpec.parse("ivf-pq:pq_m=7")
+    with pytest.raises(InputError, match="pq_m=7 must divide the feature dimension 16"):
+        FeatureDatabase.create(tmp_path / "new", fingerprint=fingerprint, dim=16, index=bad)
+    assert not (tmp_path / "new").exists()  # nothing created
+    db = FeatureDatabase.create(tmp_path / "db", fingerprint=fingerprint, dim=16)
+    db.add(np.eye(16, dtype=np.float32)[:4], ["a", "b", "a", "b"], sources=list("wxyz"))
+    with pytest.raises(InputError, match="must divide"):
+        db.set_index(bad)
+    reopened = FeatureDatabase.open(tmp_path / "db")
+    assert reopened.index_spec == IndexSpec("auto")  # the bad spec was never recorded
+    found, _ = reopened.search(np.eye(16, dtype=np.float32)[:1], 2)  # queries still work
+    assert found.shape == (1, 2)

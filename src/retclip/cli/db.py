@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ build_options = [
 def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     from retclip.database import FeatureDatabase, IndexSpec
     from retclip.database.build import build_database, build_id_for
+    from retclip.database.shards import META_NAME
 
     items, origin, synonyms = _build_items(options)
     limit, batch_size = options.pop("limit"), options.pop("batch_size")
@@ -101,6 +103,12 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
         if limit < 1:
             raise InputError(f"--limit must be >= 1, got {limit}")
         items = items[:limit]
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    missing = [item.source for item in items if not Path(item.source).is_file()]
+    if missing:  # before any model loads or anything is created
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"image not found: {missing[0]}{more}")
     feature_dtype, index = options.pop("feature_dtype", None), options.pop("index", None)
     # the rows' recipe: the models, and the pooling the recipe implies unless given
     spec = pipeline_spec(options, options.pop("proposer"))
@@ -108,6 +116,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     backbone, proposer = spec.model.load()
     if proposer is None:
         raise InputError("building a database needs a proposer: give --proposer")
+    created = create and not (path / META_NAME).exists()
     if create:
         database = FeatureDatabase.create(
             path,
@@ -122,16 +131,22 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
         database = FeatureDatabase.open(path)
     settings = json.dumps({**spec.model.description(), "proposer": None}, sort_keys=True)
     build_id = build_id_for(backbone, proposer, f"{origin}:{settings}", pooling)
-    report = build_database(
-        database,
-        backbone,
-        proposer,
-        items,
-        build_id=build_id,
-        batch_size=batch_size,
-        pooling=pooling,
-        synonyms=synonyms,
-    )
+    try:
+        report = build_database(
+            database,
+            backbone,
+            proposer,
+            items,
+            build_id=build_id,
+            batch_size=batch_size,
+            pooling=pooling,
+            synonyms=synonyms,
+        )
+    except BaseException:
+        # a new database that failed before its first commit is removed, not left empty
+        if created and database.generation == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     click.echo(
         f"{path}: added {report.rows} rows from {report.images} images"
         + (f" ({report.skipped} already in the database, skipped)" if report.skipped else "")

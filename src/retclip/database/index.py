@@ -88,6 +88,17 @@ class IndexSpec:
         if self.pq_bits > 16:
             raise InputError(f"index parameter pq_bits={self.pq_bits}; expected at most 16")
 
+    def check_dim(self, dim: int) -> IndexSpec:
+        """``self`` if it can index ``dim``-d features, else an :class:`InputError` (checked
+        before a spec is recorded, so a bad spec never reaches a database's meta.json)."""
+        if self.type == "ivf-pq" and dim % self.pq_m:
+            divisors = [m for m in (4, 8, 12, 16, 24, 32, 48, 64, 96) if dim % m == 0]
+            raise InputError(
+                f"index parameter pq_m={self.pq_m} must divide the feature dimension {dim}; "
+                f"e.g. pq_m={', '.join(map(str, divisors)) or '1'}"
+            )
+        return self
+
     def resolve(self, rows: int) -> IndexSpec:
         """The concrete spec for ``rows`` rows: ``self`` unless the type is ``auto``.
 

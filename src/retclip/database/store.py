@@ -140,6 +140,8 @@ class FeatureDatabase:
             raise InputError(f"database dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise InputError(f"database dim {dim!r}; expected a positive integer")
+        if index is not None:
+            index.check_dim(dim)  # before anything is written
         if (db_path / META_NAME).exists():
             if not exist_ok:
                 raise DatabaseError(
@@ -637,6 +639,7 @@ class FeatureDatabase:
     # -- index and search -----------------------------------------------------------------
 
     def _record_spec(self, spec: IndexSpec) -> dict[str, Any]:
+        spec.check_dim(self.dim)
         with self._writing() as meta:
             meta["index"] = spec.to_dict()
             exact = spec.resolve(int(meta["rows"])).type == "flat"

@@ -245,3 +245,11 @@ def test_two_runs_of_one_build_at_once_add_every_row_once(scenes, tmp_path) -> N
     assert sorted(FeatureDatabase.open(racing).provenance()["sources"]) == sorted(
         FeatureDatabase.open(path).provenance()["sources"]
     )
+
+
+def test_a_labels_csv_with_a_byte_order_mark(tmp_path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_bytes("\ufeffimage,labels\na.png,cat;dog\n".encode())
+    items = items_from_labels_file(csv_path, tmp_path)
+    assert [item.labels for item in items] == [("cat", "dog")]

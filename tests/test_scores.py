@@ -220,3 +220,13 @@ def test_named_labels_do_not_also_match_by_embedding() -> None:
     # "red" is named by class 0 only; "red paint" goes to one class (the closest), not to both
     np.testing.assert_array_equal(match.matrix[0], [True, False])
     assert match.matrix[1].sum() == 1
+
+
+def test_a_huge_k_is_clamped_to_the_rows(tmp_path) -> None:
+    from retclip.backbones import ColorBackbone
+    from retclip.database import FeatureDatabase
+
+    db = FeatureDatabase.create(tmp_path / "db", fingerprint=ColorBackbone().fingerprint, dim=12)
+    db.add(np.eye(12, dtype=np.float32)[:3], ["a", "b", "c"], sources=["x", "y", "z"])
+    found, rows = db.search(np.eye(12, dtype=np.float32)[:2], 10**18)  # allocates 2 × 3
+    assert found.shape == rows.shape == (2, 3)

@@ -227,3 +227,9 @@ def test_from_choice_takes_exactly_one_source(tmp_path) -> None:
         Vocabulary.from_choice(None, str(path), builtin_only=True)  # a server reads no files
     with pytest.raises(InputError, match="the limit is 1"):
         Vocabulary.from_choice("a, b", None, max_classes=1)
+
+
+def test_files_with_a_byte_order_mark_read_as_utf8(tmp_path) -> None:
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffsofa, couch ; thing\nwall ; stuff\n".encode())
+    assert Vocabulary.from_file(path).names == ["sofa", "wall"]  # no BOM in the first name

@@ -122,7 +122,7 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
     from retclip.errors import InputError
 
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise InputError(f"{what} not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -259,7 +259,7 @@ class Vocabulary:
         """Read a vocabulary file (format in the module docstring); named after the file stem."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise InputError(f"vocabulary file '{path}' does not exist") from None
         except UnicodeDecodeError as exc:

@@ -46,7 +46,7 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None
     if value is None:
         return
     try:
-        data = json.loads(Path(value).read_text(encoding="utf-8"))
+        data = json.loads(Path(value).read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"cannot read config file {value}: {exc}") from None
     if not isinstance(data, dict):
@@ -74,7 +74,7 @@ def _image_ids(text: str | None) -> list[str] | None:
         return None
     path = Path(text)
     if path.is_file():
-        text = path.read_text(encoding="utf-8").replace("\n", ",")
+        text = path.read_text(encoding="utf-8-sig").replace("\n", ",")
     return [v.strip() for v in text.split(",") if v.strip()]
 
 

@@ -80,7 +80,7 @@ def items_from_labels_file(path: str | Path, images_dir: str | Path) -> list[Bui
     """
     path, images_dir = Path(path), Path(images_dir)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"labels file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -77,7 +77,7 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     """``(image, caption)`` pairs of a JSONL or CSV caption file (format in the module doc)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"captions file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -752,14 +752,14 @@ class FeatureDatabase:
 
         Args:
             queries: ``[Q, D]`` features (normalised here, so similarities are cosines).
-            k: neighbours per query; more than the rows is fine.
+            k: neighbours per query; more than the rows is fine (clamped to the rows).
             allowed_labels: label ids whose rows may be returned (restricts retrieval to a
                 vocabulary); applied inside the FAISS search, so still ``k`` results when
                 ``k`` allowed rows exist (approximate indexes may find fewer).
 
         Returns:
-            ``(similarities [Q, k] float32 descending, row ids [Q, k] int64)``; ``-inf`` / ``-1``
-            pad where fewer rows qualify. Index family and parameters: :attr:`index_spec`.
+            ``(similarities [Q, k'] float32 descending, row ids [Q, k'] int64)`` with
+            ``k' = min(k, rows)``; ``-inf`` / ``-1`` pad where fewer rows qualify. Index family and parameters: :attr:`index_spec`.
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
@@ -768,7 +768,8 @@ class FeatureDatabase:
             raise InputError("queries contain NaN or infinite values; expected finite numbers")
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise InputError(f"k={k!r}; expected a positive integer")
-        k = int(k)
+        # more neighbours than rows cannot be found: clamped, so a huge k allocates nothing
+        k = min(int(k), self.num_rows)
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         empty = (
             np.full((q.shape[0], k), -np.inf, dtype=np.float32),

@@ -59,7 +59,7 @@ class CocoPanopticDataset:
         self.images_dir = Path(images_dir) if images_dir is not None else None
         self.masks_dir = Path(masks_dir) if masks_dir else self.json_path.with_suffix("")
         try:
-            data = json.loads(self.json_path.read_text(encoding="utf-8"))
+            data = json.loads(self.json_path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise InputError(f"panoptic JSON not found: {self.json_path}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -126,7 +126,7 @@ class EvalDataset:
             raise InputError(f"semantic label folder not found: {semantic_dir}")
         self.semantic_dir = semantic_dir
         self.instances_json = instances_json
-        data = json.loads(self.panoptic.json_path.read_text(encoding="utf-8"))
+        data = json.loads(self.panoptic.json_path.read_text(encoding="utf-8-sig"))
         infos = {img["id"]: img for img in data["images"]}
         self._records = [(infos[a["image_id"]], a) for a in data["annotations"]]
         self._category_index = {int(c["id"]): i for i, c in enumerate(self.panoptic.categories)}

@@ -759,7 +759,8 @@ class FeatureDatabase:
 
         Returns:
             ``(similarities [Q, k'] float32 descending, row ids [Q, k'] int64)`` with
-            ``k' = min(k, rows)``; ``-inf`` / ``-1`` pad where fewer rows qualify. Index family and parameters: :attr:`index_spec`.
+            ``k' = min(k, rows)``; ``-inf`` / ``-1`` pad where fewer rows qualify. Index family
+            and parameters: :attr:`index_spec`.
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:

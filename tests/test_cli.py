@@ -281,3 +281,70 @@ def test_a_failed_db_build_leaves_no_database_behind(scenes, tmp_path, monkeypat
     result = run(*base, "--backbone", "color")
     assert result.exit_code == 1 and "unknown category" in result.output
     assert not (tmp_path / "new").exists()
+
+
+def test_a_bad_image_among_good_ones_writes_nothing_and_leaves_no_folder(
+    scenes, cli_db, tmp_path
+) -> None:
+    _, image_dir = scenes["val"]
+    good = sorted(image_dir.iterdir())[0]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    result = run(*segment_args(scenes, cli_db, out, good, bad))
+    assert_error(result, str(bad))
+    assert not out.exists()  # not even an empty folder
+    # a failure after the folder was made (an unknown backbone) removes it again
+    args = segment_args(scenes, cli_db, out)
+    args[args.index("--backbone") + 1] = "nope"
+    assert_error(run(*args), "nope")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "word"),
+    [
+        (["-k", "0"], "k"),
+        (["-k", "-5"], "k"),
+        (["-k", "99999999999999999999"], "k"),
+        (["--score-threshold", "nan"], "score_threshold"),
+        (["--alpha", "inf"], "alpha"),
+        (["--gamma", "nan"], "gamma"),
+        (["--overlap-threshold", "-1"], "overlap_threshold"),
+        (["--resolution", "-5"], "resolution"),
+        (["--resolution", "0"], "resolution"),
+    ],
+)
+def test_bad_option_values_are_one_error_line(scenes, cli_db, tmp_path, extra, word) -> None:
+    out = tmp_path / "out"
+    result = run(*segment_args(scenes, cli_db, out), *extra)
+    assert_error(result, word)
+    assert not out.exists()
+
+
+def test_a_huge_k_is_clamped_not_allocated(scenes, cli_db, tmp_path) -> None:
+    result = run(*segment_args(scenes, cli_db, tmp_path / "out"), "-k", "1000000000")
+    assert result.exit_code == 0, result.output
+
+
+def test_serve_with_an_unknown_backbone_is_one_error_line(tmp_path) -> None:
+    result = run("serve", "--backbone", "nosuch", "--data-dir", tmp_path / "d", "--port", "0")
+    assert_error(result, "nosuch")
+
+
+def test_an_error_starts_on_its_own_line_after_a_progress_bar() -> None:
+    import click
+    from tqdm import tqdm
+
+    from retclip.cli.options import CleanErrorsCommand
+    from retclip.errors import InputError
+
+    @click.command(cls=CleanErrorsCommand)
+    def failing() -> None:
+        bar = tqdm(total=3, desc="work", file=sys.stderr)
+        bar.update(1)
+        raise InputError("broken input")
+
+    result = CliRunner().invoke(failing, [])
+    assert result.exit_code == 1
+    assert any(line.startswith("Error: broken input") for line in result.output.splitlines())

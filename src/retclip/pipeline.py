@@ -194,6 +194,7 @@ class PipelineSpec(BaseModel):
     k: int = Field(
         DEFAULT_K,
         ge=1,
+        le=2**31 - 1,
         description="Neighbours retrieved.",
         json_schema_extra=_cli("--k", short="-k"),
     )

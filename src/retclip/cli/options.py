@@ -7,10 +7,11 @@ options they received back into a spec with :func:`model_spec` / :func:`pipeline
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,22 @@ from retclip.pipeline import ModelSpec, PipelineSpec, spec_error
 from retclip.settings import Settings
 
 
+def _close_progress_bars() -> None:
+    """End any open progress bar, so an error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _clean_errors(invoke: Callable[[click.Context], Any], ctx: click.Context) -> Any:
     try:
         return invoke(ctx)
     except RetclipError as exc:
+        _close_progress_bars()
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
+        _close_progress_bars()
         raise click.ClickException("interrupted") from None
 
 
@@ -68,6 +79,20 @@ def check_output_dir(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise InputError(f"output directory {out} is not writable: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def output_dir(out: Path) -> Iterator[Path]:
+    """:func:`check_output_dir`, and on failure remove ``out`` again if this call created it and
+    nothing was written into it (a failing command leaves no empty folder behind)."""
+    created = not out.exists()
+    check_output_dir(out)
+    try:
+        yield out
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _click_type(annotation: Any) -> tuple[Any, bool]:

@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from retclip.cli.options import (
     CleanErrorsCommand,
-    check_output_dir,
     ensemble_options,
     model_options,
+    output_dir,
     pipeline_spec,
     retrieval_options,
     train_vocab_option,
@@ -56,13 +56,12 @@ def segment(
     stems = [image.stem for image in images]
     if len(set(stems)) != len(stems):
         raise InputError("two images share a file name stem; their outputs would collide")
-    for image in images:
-        if not image.is_file():
-            raise InputError(f"image not found: {image}")
-    check_output_dir(out)
-    segmenter = build_segmenter(pipeline_spec(options, proposer))
-    for image in tqdm(images, unit="img", desc="segment", disable=len(images) < 2):
-        result = segmenter(load_image(image), vocabulary, source=image)
-        result.save(out, image.stem)
-        found = sorted({result.label_of(s) for s in result.segments})
-        click.echo(f"{image}: {len(result.segments)} segments ({', '.join(found) or 'none'})")
+    for image in images:  # every image is readable before anything is written for any
+        load_image(image)
+    with output_dir(out):
+        segmenter = build_segmenter(pipeline_spec(options, proposer))
+        for image in tqdm(images, unit="img", desc="segment", disable=len(images) < 2):
+            result = segmenter(load_image(image), vocabulary, source=image)
+            result.save(out, image.stem)
+            found = sorted({result.label_of(s) for s in result.segments})
+            click.echo(f"{image}: {len(result.segments)} segments ({', '.join(found) or 'none'})")

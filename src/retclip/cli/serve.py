@@ -119,4 +119,7 @@ def serve(
         result_cache_mb=cache_mb,
         model_options={k: v for k, v in model_options.items() if v is not None},
     )
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+    from retclip.server.engine import Engine
+
+    engine = Engine(config)  # models load before listening: a bad name is one Error: line
+    uvicorn.run(create_app(config, preloaded=engine), host=host, port=port, log_level="info")

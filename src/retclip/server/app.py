@@ -117,11 +117,16 @@ def _validation_message(error: RequestValidationError) -> str:
 
 
 def create_app(
-    config: ServerConfig, *, extra_proposers: Mapping[str, MaskProposer] | None = None
+    config: ServerConfig,
+    *,
+    extra_proposers: Mapping[str, MaskProposer] | None = None,
+    preloaded: Engine | None = None,
 ) -> FastAPI:
     """The FastAPI app of ``retclip serve``; models load when the app starts (its lifespan).
 
     ``extra_proposers`` adds proposer objects under their names (a custom proposer, or a test's).
+    ``preloaded`` is an engine already loaded for ``config`` (``retclip serve`` loads the models
+    before it listens, so a bad model name is a one-line error, not a failed start-up).
     """
     if extra_proposers:
         config = ServerConfig(
@@ -136,10 +141,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine = await asyncio.to_thread(Engine, config, extra_proposers)
+        loaded = preloaded or await asyncio.to_thread(Engine, config, extra_proposers)
         dispatcher = Dispatcher(config)
         dispatcher.start()
-        state.update(engine=engine, dispatcher=dispatcher)
+        state.update(engine=loaded, dispatcher=dispatcher)
         try:
             yield
         finally:

@@ -389,3 +389,44 @@ def test_segments_are_the_records_of_the_result_files(client: TestClient, scenes
     record_keys = {"id", "category_id", "category_name", "isthing", "iscrowd", "area", "bbox"}
     for item in body["segments"]:
         assert record_keys | {"score", "s_clip", "s_ret", "s_iv", "color", "rle"} == set(item)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width × height`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    pixels = zlib.compress(b"\0" * 16)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bombs_are_413_as_images_and_as_masks(
+    client: TestClient, scenes: list[np.ndarray]
+) -> None:
+    bomb = bomb_png(60000, 60000)
+    answer = client.post("/segment", files={"image": ("bomb.png", bomb)}, data={"classes": "a"})
+    assert "more pixels than PIL will decode" in error_of(answer, 413)
+    rows = client.post(
+        "/databases/bombs/rows", files=[("images", ("bomb.png", bomb))], data={"labels": "a"}
+    )
+    assert "pixels" in error_of(rows, 413)
+    as_mask = client.post(
+        "/databases/bombs/rows",
+        files=[("images", ("a.png", png(scenes[0]))), ("masks", ("m.png", bomb))],
+        data={"labels": "a"},
+    )
+    assert "pixels" in error_of(as_mask, 413)
+    big_mask = bomb_png(4000, 4000)  # allowed as an image, but not the size of this one
+    wrong = client.post(
+        "/databases/bombs/rows",
+        files=[("images", ("a.png", png(scenes[0]))), ("masks", ("m.png", big_mask))],
+        data={"labels": "a"},
+    )
+    assert "pixels" in error_of(wrong, 413)

@@ -469,7 +469,8 @@ def create_app(
         elif masks:
             for upload, image in zip(masks, pixels, strict=True):
                 data, shown = await read_upload(upload, "mask", config.max_upload_bytes)
-                job_masks.append(decode_mask(data, shown, image.shape[:2])[None])
+                mask = await asyncio.to_thread(decode_mask, data, shown, image.shape[:2])
+                job_masks.append(mask[None])
             row_labels = list(names)
         else:
             job_masks = [np.ones((1, *p.shape[:2]), dtype=bool) for p in pixels]

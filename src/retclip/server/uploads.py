@@ -23,21 +23,37 @@ from retclip.server.config import ServerError
 from retclip.vocabulary import Vocabulary
 
 
+def image_size(data: bytes, what: str, max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` from an uploaded image's header, before any pixel is decoded.
+
+    Raises:
+        ServerError: 413 when the header claims more than ``max_pixels`` (decompression bombs
+            included, which PIL refuses to open at all).
+        InputError: the bytes are not an image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError:
+        raise ServerError(
+            413, f"{what} claims more pixels than PIL will decode; the limit is {max_pixels}"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputError(f"uploaded file {what} is not a recognised image") from None
+    if width * height > max_pixels:
+        raise ServerError(
+            413,
+            f"{what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+            "pixels",
+        )
+    return width, height
+
+
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     """``[H, W, 3]`` uint8 RGB of an uploaded file; the size limit is checked before decoding."""
     if not data:
         raise InputError(f"uploaded file {name!r} is empty; expected an image")
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise InputError(f"uploaded file {name!r} is not a recognised image") from None
-    if width * height > max_pixels:
-        raise ServerError(
-            413,
-            f"image {name!r} is {width}x{height} = {width * height} pixels; the limit is "
-            f"{max_pixels} pixels",
-        )
+    image_size(data, f"image {name!r}", max_pixels)
     with tempfile.TemporaryDirectory(prefix="retclip-upload-") as tmp:
         path = Path(tmp) / "upload"
         path.write_bytes(data)
@@ -57,7 +73,17 @@ async def read_upload(upload: UploadFile, what: str, limit: int) -> tuple[bytes,
 
 
 def decode_mask(data: bytes, name: str, shape: tuple[int, int]) -> np.ndarray:
-    """``[H, W]`` bool of an uploaded mask image: non-zero (any channel) = the object."""
+    """``[H, W]`` bool of an uploaded mask image: non-zero (any channel) = the object.
+
+    The header must give the image's own size before anything is decoded, so a mask costs at
+    most as many pixels as its (already size-limited) image.
+    """
+    width, height = image_size(data, f"mask {name!r}", shape[0] * shape[1])
+    if (height, width) != shape:
+        raise InputError(
+            f"mask {name!r} is {width}x{height}, its image is {shape[1]}x{shape[0]}; expected "
+            "the same size"
+        )
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()

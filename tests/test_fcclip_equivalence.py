@@ -302,7 +302,7 @@ def test_the_server_serves_fcclip_and_equals_the_command_line(files, runs, data,
         "backbone": str(files["clip"]),
     }
     png_bytes = files["image"].read_bytes()
-    with TestClient(create_app(config)) as client:
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
         response = client.post("/segment", files={"image": ("scene.png", png_bytes)}, data=form)
         assert response.status_code == 200, response.text
         body = response.json()

@@ -36,10 +36,15 @@ def scenes() -> list[np.ndarray]:
     return [scene.image for scene in generate_scenes("val", 4, seed=3)]
 
 
+def local_client(app: Any, **options: Any) -> TestClient:
+    """A test client addressed as a local browser would (the server refuses other hosts)."""
+    return TestClient(app, base_url="http://127.0.0.1", **options)
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     config = ServerConfig(data_dir=tmp_path_factory.mktemp("serve"), backbones=("toy", "color"))
-    with TestClient(create_app(config)) as test_client:
+    with local_client(create_app(config)) as test_client:
         yield test_client
 
 
@@ -256,7 +261,7 @@ def test_limits(tmp_path: Path, scenes: list[np.ndarray]) -> None:
     config = ServerConfig(
         data_dir=tmp_path, max_upload_bytes=40_000, max_image_pixels=90 * 90, max_classes=3
     )
-    with TestClient(create_app(config)) as small:
+    with local_client(create_app(config)) as small:
         big = png(np.random.default_rng(0).integers(0, 255, (150, 150, 3), dtype=np.uint8))
         response = small.post("/segment", files={"image": ("big.png", big)}, data={"classes": "a"})
         assert "upload limit of 40000 bytes" in error_of(response, 413)
@@ -267,7 +272,7 @@ def test_limits(tmp_path: Path, scenes: list[np.ndarray]) -> None:
 
 
 def test_token_guards_writes(tmp_path: Path, scenes: list[np.ndarray]) -> None:
-    with TestClient(create_app(ServerConfig(data_dir=tmp_path, token="s3cret"))) as guarded:
+    with local_client(create_app(ServerConfig(data_dir=tmp_path, token="s3cret"))) as guarded:
         files = [("images", ("a.png", png(scenes[0])))]
         denied = guarded.post("/databases/t/rows", files=files, data={"labels": "x"})
         assert "Bearer" in error_of(denied, 401)
@@ -303,7 +308,7 @@ def test_internal_error_shows_no_traceback(tmp_path: Path, scenes: list[np.ndarr
     app = create_app(
         ServerConfig(data_dir=tmp_path), extra_proposers={"broken": _GatedProposer(True)}
     )
-    with TestClient(app, raise_server_exceptions=False) as broken:
+    with local_client(app, raise_server_exceptions=False) as broken:
         message = error_of(segment(broken, scenes[0], proposer="broken"), 500)
         assert "internal server error" in message and "secret" not in message
 
@@ -317,7 +322,7 @@ def test_queue_full_and_timeout(tmp_path: Path, scenes: list[np.ndarray]) -> Non
     async def scenario() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
 
                 async def post() -> httpx.Response:
                     files = {"image": ("a.png", png(scenes[0]))}
@@ -340,7 +345,7 @@ def test_queue_full_and_timeout(tmp_path: Path, scenes: list[np.ndarray]) -> Non
     slow = create_app(
         ServerConfig(data_dir=tmp_path, timeout_s=0.2), extra_proposers={"gated": gated}
     )
-    with TestClient(slow) as client:
+    with local_client(slow) as client:
         assert "did not finish within 0.2 s" in error_of(segment(client, scenes[0], **data), 504)
         gated.gate.release()
 
@@ -351,7 +356,7 @@ def test_concurrent_writes_lose_no_rows(tmp_path: Path, scenes: list[np.ndarray]
     async def scenario() -> list[httpx.Response]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
 
                 async def add(i: int) -> httpx.Response:
                     files = [("images", (f"{i}.png", png(scenes[i % 4])))]
@@ -363,7 +368,7 @@ def test_concurrent_writes_lose_no_rows(tmp_path: Path, scenes: list[np.ndarray]
 
     responses = asyncio.run(scenario())
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    with TestClient(app) as client:
+    with local_client(app) as client:
         info = client.get("/databases/shared").json()
     assert info["rows"] == 8 and info["rows_per_class"] == {"class0": 3, "class1": 3, "class2": 2}
 
@@ -430,3 +435,31 @@ def test_decompression_bombs_are_413_as_images_and_as_masks(
         data={"labels": "a"},
     )
     assert "pixels" in error_of(wrong, 413)
+
+
+def test_cross_origin_writes_and_foreign_hosts_are_refused(
+    tmp_path: Path, scenes: list[np.ndarray]
+) -> None:
+    app = create_app(ServerConfig(data_dir=tmp_path))
+    files = [("images", ("a.png", png(scenes[0])))]
+    with local_client(app) as local:
+        evil = {"Origin": "http://evil.example"}
+        refused = local.post("/databases/t/rows", files=files, data={"labels": "x"}, headers=evil)
+        assert "cross-origin write" in error_of(refused, 403)
+        assert error_of(local.post("/databases", json={"name": "t"}, headers=evil), 403)
+        assert local.get("/databases", headers=evil).status_code == 200  # reads are fine
+        same = {"Origin": "http://127.0.0.1"}  # the server's own page
+        made = local.post("/databases", json={"name": "t"}, headers=same)
+        assert made.status_code == 201, made.text
+    with TestClient(app, base_url="http://attacker.example") as rebound:  # DNS rebinding
+        assert "--allow-host" in error_of(rebound.get("/health"), 400)
+    allowing = ServerConfig(
+        data_dir=tmp_path / "b",
+        allowed_hosts=("seg.lab.example",),
+        allowed_origins=("https://tools.lab.example",),
+    )
+    with TestClient(create_app(allowing), base_url="http://seg.lab.example") as lab:
+        ok = lab.post(
+            "/databases", json={"name": "u"}, headers={"Origin": "https://tools.lab.example"}
+        )
+        assert ok.status_code == 201, ok.text

@@ -62,6 +62,20 @@ SERVED_MODEL_FIELDS = tuple(
 @click.option("--batch-wait-ms", default=0.0, show_default=True, help="Wait to fill a batch.")
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, help="Seconds per job.")
 @click.option("--cache-mb", default=512, show_default=True, help="Memory for /rescore results.")
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    help="Also answer requests addressed to this host name (repeat; '*' for any). Local names "
+    "and --host are always allowed.",
+)
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    help="Web origin (scheme://host:port) whose pages may write (repeat); the server's own is "
+    "always allowed.",
+)
 @with_options(spec_options(ModelSpec, SERVED_MODEL_FIELDS))
 def serve(
     host: str,
@@ -80,6 +94,8 @@ def serve(
     batch_wait_ms: float,
     timeout_s: float,
     cache_mb: int,
+    allow_hosts: tuple[str, ...],
+    allow_origins: tuple[str, ...],
     **model_options: Any,
 ) -> None:
     """Serve the segmentation API and web page (http://HOST:PORT/, API docs at /docs).
@@ -93,6 +109,7 @@ def serve(
     import uvicorn
 
     from retclip.server.app import ServerConfig, create_app
+    from retclip.server.guards import LOCAL_HOSTS
 
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         click.echo(
@@ -118,6 +135,12 @@ def serve(
         timeout_s=timeout_s,
         result_cache_mb=cache_mb,
         model_options={k: v for k, v in model_options.items() if v is not None},
+        allowed_hosts=(
+            *LOCAL_HOSTS,
+            *([host] if host not in ("0.0.0.0", "::") else []),
+            *allow_hosts,
+        ),
+        allowed_origins=allow_origins,
     )
     from retclip.server.engine import Engine
 

@@ -53,6 +53,7 @@ from retclip.server.batching import Dispatcher
 from retclip.server.config import ServerConfig, ServerError
 from retclip.server.databases import Databases
 from retclip.server.engine import Engine, FeatureJob, SegmentJob
+from retclip.server.guards import HostAndOriginGuard
 from retclip.server.payloads import ImagesMode, ResultCache, overlay_of, png_base64, result_payload
 from retclip.server.uploads import (
     BodyLimit,
@@ -158,6 +159,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(
+        HostAndOriginGuard,
+        allowed_hosts=config.allowed_hosts,
+        allowed_origins=config.allowed_origins,
+    )
     app.state.config = config
     app.state.results = results
     app.state.databases = databases

@@ -42,6 +42,9 @@ class ServerConfig(BaseModel):
         timeout_s: longest wait for a model job (queue + run) → 504.
         result_cache_mb: memory for cached results (image, masks, scores) for ``/rescore``.
         result_cache_entries: most cached results.
+        allowed_hosts: ``Host`` names requests may be addressed to (``*``: any), against DNS
+            rebinding; the local names by default (:mod:`retclip.server.guards`).
+        allowed_origins: web origins besides the server's own that may write (POST, DELETE).
         model_options: options of the models (``ModelSpec`` fields other than backbone,
             proposer and device: ``fcclip_checkpoint``, ``detector``, thresholds...), the same
             for every backbone and proposer (each proposer takes the ones it knows).
@@ -66,6 +69,8 @@ class ServerConfig(BaseModel):
     result_cache_mb: int = Field(512, ge=1)
     result_cache_entries: int = Field(64, ge=1)
     model_options: dict[str, Any] = Field(default_factory=dict)
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    allowed_origins: tuple[str, ...] = ()
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -463,3 +463,35 @@ def test_cross_origin_writes_and_foreign_hosts_are_refused(
             "/databases", json={"name": "u"}, headers={"Origin": "https://tools.lab.example"}
         )
         assert ok.status_code == 201, ok.text
+
+
+def test_a_database_changed_outside_the_server_is_reopened(
+    tmp_path: Path, scenes: list[np.ndarray]
+) -> None:
+    from retclip.database import FeatureDatabase
+
+    with local_client(create_app(ServerConfig(data_dir=tmp_path))) as client:
+        files = [("images", ("a.png", png(scenes[0]))), ("images", ("b.png", png(scenes[1])))]
+        added = client.post("/databases/live/rows", files=files, data={"labels": ["x", "y"]})
+        assert added.status_code == 200, added.text
+        assert segment(client, scenes[0], db="live").status_code == 200  # opened and cached
+        outside = FeatureDatabase.open(tmp_path / "databases" / "live")  # `retclip db` elsewhere
+        outside.remove_classes(["x"])  # compacts: the shard the server read is gone
+        answer = segment(client, scenes[0], db="live")
+        assert answer.status_code == 200, answer.text
+        assert client.get("/databases/live").json()["rows"] == 1
+        outside = FeatureDatabase.open(tmp_path / "databases" / "live")
+        outside.add(np.eye(outside.dim, dtype=np.float32)[:2], ["z", "z"], sources=["p", "q"])
+        assert client.get("/databases/live").json()["rows"] == 3  # added rows appear
+
+
+def test_error_bodies_carry_no_server_paths(tmp_path: Path, scenes: list[np.ndarray]) -> None:
+    with local_client(create_app(ServerConfig(data_dir=tmp_path))) as client:
+        files = [("images", ("a.png", png(scenes[0])))]
+        assert (
+            client.post("/databases/d/rows", files=files, data={"labels": "x"}).status_code == 200
+        )
+        (tmp_path / "databases" / "d" / "meta.json").write_text("{ broken")
+        for answer in (segment(client, scenes[0], db="d"), client.get("/databases/d")):
+            message = answer.json()["error"]
+            assert answer.status_code >= 400 and str(tmp_path) not in message, message

@@ -98,6 +98,14 @@ class CreateDatabaseRequest(BaseModel):
     backbone: str | None = None
 
 
+def hide_paths(message: str, root: Path) -> str:
+    """``message`` with the server's database folder left out: a database is named, never
+    located (a path would tell a client how the server's disk is laid out)."""
+    for prefix in {str(root), str(root.resolve())}:
+        message = message.replace(prefix + "/", "").replace(prefix, "<databases>")
+    return message
+
+
 def _status_of(error: RetclipError) -> int:
     if isinstance(error, ServerError):
         return error.status
@@ -182,7 +190,8 @@ def create_app(
     @app.exception_handler(RetclipError)
     async def retclip_error(_: Request, error: RetclipError) -> JSONResponse:
         headers = error.headers if isinstance(error, ServerError) else None
-        return JSONResponse({"error": str(error)}, status_code=_status_of(error), headers=headers)
+        message = hide_paths(str(error), databases.root)
+        return JSONResponse({"error": message}, status_code=_status_of(error), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:

@@ -22,7 +22,7 @@ class Databases:
     def __init__(self, data_dir: Path) -> None:
         self.root = (Path(data_dir) / "databases").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._open: dict[str, FeatureDatabase] = {}
+        self._open: dict[str, tuple[FeatureDatabase, tuple[int, int]]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._guard = threading.Lock()
 
@@ -46,25 +46,35 @@ class Databases:
             p.name for p in self.root.iterdir() if p.is_dir() and (p / "meta.json").is_file()
         )
 
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int]:
+        """What changes when a commit replaces ``meta.json`` (the commit point)."""
+        stat = (path / "meta.json").stat()
+        return stat.st_mtime_ns, stat.st_ino
+
     def get(self, name: str) -> FeatureDatabase:
-        """The opened database (404 when missing)."""
+        """The opened database (404 when missing), reopened when its committed state changed,
+        also by another process (``retclip db add`` while the server runs)."""
         path = self.path(name)
+        try:
+            stamp = self._stamp(path)
+        except FileNotFoundError:
+            raise ServerError(404, f"no database named {name!r}") from None
         with self._guard:
             found = self._open.get(name)
-        if found is not None:
-            return found
-        if not (path / "meta.json").is_file():
-            raise ServerError(404, f"no database named {name!r}")
+        if found is not None and found[1] == stamp:
+            return found[0]
         opened = FeatureDatabase.open(path)
         with self._guard:
-            return self._open.setdefault(name, opened)
+            self._open[name] = (opened, stamp)
+        return opened
 
     def replace(self, name: str, db: FeatureDatabase | None) -> None:
         with self._guard:
             if db is None:
                 self._open.pop(name, None)
             else:
-                self._open[name] = db
+                self._open[name] = (db, self._stamp(db.path))
 
     def info(self, name: str) -> dict[str, Any]:
         info = self.get(name).info()

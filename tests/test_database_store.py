@@ -462,3 +462,13 @@ def test_removing_classes_and_sources_is_one_commit(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown class"):
         db.remove(classes=["no such class"], sources=[str(sources[0])])
     assert db.generation == before + 1  # the bad request changed nothing
+
+
+def test_info_says_not_persisted_when_the_index_file_is_gone(tmp_path: Path) -> None:
+    db, _ = make_db(tmp_path / "db")
+    db.set_index(IndexSpec(type="hnsw", hnsw_m=8, ef_construction=32))
+    assert FeatureDatabase.open(tmp_path / "db").info()["index"]["persisted"]
+    (tmp_path / "db" / "index.faiss").unlink()
+    reopened = FeatureDatabase.open(tmp_path / "db")
+    assert not reopened.info()["index"]["persisted"]
+    assert reopened.search(rows(1, 5), 2)[1].shape == (1, 2)  # rebuilt when needed

@@ -328,7 +328,8 @@ class FeatureDatabase:
             "index": {
                 **spec.to_dict(),
                 "text": str(spec),
-                "persisted": self._record_is_current(record, spec),
+                "persisted": self._record_is_current(record, spec)
+                and (self._path / INDEX_NAME).is_file(),
             },
             "shards": len(meta["shards"]),
             "bytes": sum(s["bytes"] for s in meta["shards"]),

@@ -472,3 +472,32 @@ def test_info_says_not_persisted_when_the_index_file_is_gone(tmp_path: Path) -> 
     reopened = FeatureDatabase.open(tmp_path / "db")
     assert not reopened.info()["index"]["persisted"]
     assert reopened.search(rows(1, 5), 2)[1].shape == (1, 2)  # rebuilt when needed
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda meta: meta["labels"][0].update(name="renamed"),
+        lambda meta: meta["rows_per_class"].update(cat=99),
+        lambda meta: meta.update(dtype="float32" if meta["dtype"] == "float16" else "float16"),
+    ],
+)
+def test_a_hand_edited_meta_json_is_reported_as_corruption(tmp_path: Path, edit) -> None:
+    make_db(tmp_path / "db")
+    meta_path = tmp_path / "db" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatabaseError, match="does not match its checksum"):
+        FeatureDatabase.open(tmp_path / "db")
+
+
+def test_a_database_written_before_checksums_still_opens(tmp_path: Path) -> None:
+    make_db(tmp_path / "db")
+    meta_path = tmp_path / "db" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["checksum"]
+    meta_path.write_text(json.dumps(meta))
+    db = FeatureDatabase.open(tmp_path / "db")
+    db.add(rows(1, 7), ["cat"], sources=["z"])  # the next commit records a checksum
+    assert "checksum" in json.loads(meta_path.read_text())

@@ -51,6 +51,8 @@ class DatabaseMeta(BaseModel):
     generation: StrictInt = Field(ge=0)
     pooling: StrictStr | None = None
     index_file: dict[str, Any] | None = None
+    #: SHA-256 of the rest of the content (``shards.meta_checksum``); absent in older databases.
+    checksum: StrictStr | None = None
 
     @model_validator(mode="after")
     def _rows_add_up(self) -> DatabaseMeta:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import re
 import zipfile
@@ -106,7 +107,17 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def meta_checksum(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of ``meta``'s content (key order and the checksum itself left out)."""
+    content = {k: v for k, v in meta.items() if k != "checksum"}
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def write_meta(db_path: Path, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` (the commit point) with the checksum of its content, so a hand edit
+    (a label renamed, a count or the dtype changed) reads back as corruption, not as data."""
+    meta["checksum"] = meta_checksum(meta)
     text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
     atomic_write(db_path / META_NAME, text, durable=True)
 
@@ -165,6 +176,13 @@ def read_meta(db_path: Path) -> dict[str, Any]:
         if where:
             raise corrupt(meta_path, f"missing or malformed {where!r} ({first['msg']})") from None
         raise corrupt(meta_path, str(first["msg"]).removeprefix("Value error, ")) from None
+    recorded = meta.get("checksum")  # absent in databases written before checksums
+    if recorded is not None and recorded != meta_checksum(meta):
+        raise corrupt(
+            meta_path,
+            "its content does not match its checksum (edited by hand or damaged); restore it "
+            "from a backup or rebuild the database",
+        )
     try:
         IndexSpec.from_dict(meta["index"])
         BackboneFingerprint.from_dict(meta["fingerprint"])

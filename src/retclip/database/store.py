@@ -37,7 +37,8 @@ recorded; with the fingerprint it is the database's *recipe*, which queries must
 persisted index was built for, and its checksum), ``shards`` (``[{file, rows, bytes, sha256,
 build_ids, completed_sources}]`` where ``completed_sources`` maps a build id to the sources that
 commit finished), ``generation`` (bumped by every data commit), ``created``/``updated`` (UTC ISO
-timestamps) and ``checksum`` (SHA-256 of the rest, so a hand edit reads as corruption). Row ``i`` of the database is row ``i`` of the concatenated shards, in listed order.
+timestamps) and ``checksum`` (SHA-256 of the rest, so a hand edit reads as corruption). Row ``i``
+of the database is row ``i`` of the concatenated shards, in listed order.
 
 Commit protocol: a shard is written to a temporary name in ``shards/``, fsynced and renamed
 (``os.replace``) to its final name; then ``meta.json`` is written the same way. Replacing

@@ -213,3 +213,12 @@ def test_the_result_files_read_back_as_written(scenes, scene_db, tmp_path) -> No
     assert files.instances is not None and len(files.instances) == len(result.prediction.instances)
     with pytest.raises(InputError, match="prediction JSON not found"):
         read_outputs(tmp_path / "out", "other")
+
+
+def test_semantic_scores_are_the_map_whose_argmax_is_the_semantic_output(scenes, scene_db) -> None:
+    val = CocoPanopticDataset(*scenes["val"])
+    result = Segmenter("color", GroundTruthProposer(val), db=scene_db)(val.image_path(0), CLASSES)
+    scores = result.semantic_scores()
+    assert scores.shape == (4, *result.semantic.shape)
+    covered = result.proposals.masks.any(0)
+    np.testing.assert_array_equal(scores.argmax(0).numpy()[covered], result.semantic[covered])

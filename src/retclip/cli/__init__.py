@@ -15,7 +15,9 @@ Every error caused by input ends as one line ``Error: <cause>`` on stderr and ex
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 import click
 
@@ -51,6 +53,19 @@ for command in (
     cli.add_command(command)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as one ``Warning: ...`` line on stderr (a user needs no source location)."""
+    click.echo(f"Warning: {message}", err=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point."""
+    warnings.showwarning = _show_warning
     cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="retclip")

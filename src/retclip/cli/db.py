@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from retclip.cli.options import (
     spec_options,
     with_options,
 )
-from retclip.errors import InputError
+from retclip.errors import InputError, RetclipError
 from retclip.pipeline import PipelineSpec
 
 
@@ -95,7 +95,6 @@ build_options = [
 def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     from retclip.database import FeatureDatabase, IndexSpec
     from retclip.database.build import build_database, build_id_for
-    from retclip.database.shards import META_NAME
 
     items, origin, synonyms = _build_items(options)
     limit, batch_size = options.pop("limit"), options.pop("batch_size")
@@ -116,15 +115,14 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     backbone, proposer = spec.model.load()
     if proposer is None:
         raise InputError("building a database needs a proposer: give --proposer")
-    created = create and not (path / META_NAME).exists()
+    created = False
     if create:
-        database = FeatureDatabase.create(
+        database, created = FeatureDatabase.create_or_open(
             path,
             fingerprint=backbone.fingerprint,
             dim=backbone.dim,
             dtype=feature_dtype,
             index=IndexSpec.parse(index),
-            exist_ok=True,
             pooling=pooling,
         )
     else:
@@ -143,9 +141,11 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
             synonyms=synonyms,
         )
     except BaseException:
-        # a new database that failed before its first commit is removed, not left empty
-        if created and database.generation == 0:
-            shutil.rmtree(path, ignore_errors=True)
+        # a database this run created is removed if the run failed before any commit (by it
+        # or by another writer), not left behind empty
+        if created:
+            with contextlib.suppress(RetclipError):
+                database.discard_if_empty()
         raise
     click.echo(
         f"{path}: added {report.rows} rows from {report.images} images"

@@ -41,6 +41,10 @@ def _clean_errors(invoke: Callable[[click.Context], Any], ctx: click.Context) ->
     except KeyboardInterrupt:
         _close_progress_bars()
         raise click.ClickException("interrupted") from None
+    except OSError as exc:  # a file-system fault no stage turned into a RetclipError (full disk)
+        _close_progress_bars()
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
 
 class CleanErrorsGroup(click.Group):

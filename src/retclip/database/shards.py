@@ -140,6 +140,8 @@ def write_shard(shard_dir: Path, number: int, rows: ShardRows) -> dict[str, Any]
 @contextmanager
 def locked(db_path: Path) -> Iterator[None]:
     """Hold the database's exclusive writer lock (``.lock``, across processes)."""
+    if not db_path.is_dir():
+        raise DatabaseError(f"feature database {db_path} no longer exists (removed meanwhile)")
     with ExitStack() as stack:
         try:
             stack.enter_context(file_lock(db_path / LOCK_NAME))

@@ -56,6 +56,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -136,6 +137,36 @@ class FeatureDatabase:
         :class:`DatabaseMismatchError`), keeps its dtype, and takes ``index`` as its index spec
         when given.
         """
+        db, _ = cls.create_or_open(
+            path,
+            fingerprint=fingerprint,
+            dim=dim,
+            dtype=dtype,
+            index=index,
+            exist_ok=exist_ok,
+            pooling=pooling,
+        )
+        return db
+
+    @classmethod
+    def create_or_open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        fingerprint: BackboneFingerprint,
+        dim: int,
+        dtype: str = "float16",
+        index: IndexSpec | None = None,
+        exist_ok: bool = True,
+        pooling: str | None = None,
+    ) -> tuple[FeatureDatabase, bool]:
+        """:meth:`create`, also saying whether this call created the database (``False``: an
+        existing one was opened, which needs ``exist_ok``).
+
+        Creation is atomic: the database is assembled in a temporary folder beside ``path`` and
+        renamed into place, so ``path`` never exists without its ``meta.json``, and of two
+        processes creating the same path at once one creates it and the other opens it.
+        """
         db_path = Path(path)
         if dtype not in DTYPES:
             raise InputError(f"database dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -143,43 +174,53 @@ class FeatureDatabase:
             raise InputError(f"database dim {dim!r}; expected a positive integer")
         if index is not None:
             index.check_dim(dim)  # before anything is written
-        if (db_path / META_NAME).exists():
-            if not exist_ok:
+        if not (db_path / META_NAME).exists():
+            if db_path.exists() and (not db_path.is_dir() or any(db_path.iterdir())):
                 raise DatabaseError(
-                    f"a feature database already exists at {db_path} (open it, or pass exist_ok)"
+                    f"{db_path} exists and is not a feature database (no {META_NAME}); "
+                    "expected a new or empty directory"
                 )
-            db = cls.open(db_path)
-            db.check_compatible(fingerprint, dim, pooling=pooling)
-            if index is not None and index != db.index_spec:
-                db._record_spec(index)
-            return db
-        if db_path.exists() and (not db_path.is_dir() or any(db_path.iterdir())):
+            stamp = utc_now()
+            meta: dict[str, Any] = {
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint.to_dict(),
+                "pooling": pooling,
+                "dim": dim,
+                "dtype": dtype,
+                "metric": METRIC,
+                "rows": 0,
+                "rows_per_class": {},
+                "labels": [],
+                "index": (index or IndexSpec("auto")).to_dict(),
+                "index_file": None,
+                "shards": [],
+                "generation": 0,
+                "created": stamp,
+                "updated": stamp,
+            }
+            if _create_in_place(db_path, meta):
+                return cls(db_path, meta), True
+            # another process created it in the meantime: open that one (below)
+        if not exist_ok:
             raise DatabaseError(
-                f"{db_path} exists and is not a feature database (no {META_NAME}); "
-                "expected a new or empty directory"
+                f"a feature database already exists at {db_path} (open it, or pass exist_ok)"
             )
-        (db_path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        stamp = utc_now()
-        meta: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint.to_dict(),
-            "pooling": pooling,
-            "dim": dim,
-            "dtype": dtype,
-            "metric": METRIC,
-            "rows": 0,
-            "rows_per_class": {},
-            "labels": [],
-            "index": (index or IndexSpec("auto")).to_dict(),
-            "index_file": None,
-            "shards": [],
-            "generation": 0,
-            "created": stamp,
-            "updated": stamp,
-        }
-        with locked(db_path):
-            write_meta(db_path, meta)
-        return cls(db_path, meta)
+        db = cls.open(db_path)
+        db.check_compatible(fingerprint, dim, pooling=pooling)
+        if index is not None and index != db.index_spec:
+            db._record_spec(index)
+        return db, False
+
+    def discard_if_empty(self) -> bool:
+        """Delete this database if no commit ever added to it (generation 0): what a build that
+        created it and then failed leaves. Decided under the writer lock; ``True`` if deleted."""
+        with self._writing() as meta:
+            if meta["generation"] != 0 or meta["shards"]:
+                return False
+            doomed = self._path.parent / f".{self._path.name}.discarded-{uuid.uuid4().hex[:12]}"
+            os.rename(self._path, doomed)  # gone at once for every later writer and reader
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: bool = True) -> FeatureDatabase:
@@ -344,11 +385,22 @@ class FeatureDatabase:
 
     @contextmanager
     def _writing(self) -> Iterator[dict[str, Any]]:
-        """Lock, re-read the committed meta.json, drop crash leftovers; yields that meta."""
+        """Lock, re-read the committed meta.json, drop crash leftovers; yields that meta.
+
+        A write that fails on the file system (a full disk, a read-only mount) ends as one
+        :class:`DatabaseError`: the commit point (``meta.json``) is written last, so the database
+        is left at its last commit.
+        """
         with locked(self._path):
             meta = read_meta(self._path)
-            self._clean_orphans(meta)
-            yield meta
+            try:
+                self._clean_orphans(meta)
+                yield meta
+            except OSError as error:
+                raise DatabaseError(
+                    f"cannot write to feature database {self._path}: "
+                    f"{error.strerror or error}; it is unchanged (still at its last commit)"
+                ) from None
 
     def _clean_orphans(self, meta: dict[str, Any]) -> None:
         """Delete shards not listed in ``meta`` and temp files left by a crashed writer."""
@@ -670,9 +722,13 @@ class FeatureDatabase:
         self._refresh(meta)
 
     def set_index(self, spec: IndexSpec) -> None:
-        """Make ``spec`` the database's index; (re)builds and persists it now if needed."""
+        """Make ``spec`` the database's index; (re)builds and persists it now if needed.
+
+        Unlike a search, which uses an index it could not save, this fails
+        (:class:`DatabaseError`) when the index cannot be saved: saving it is what was asked.
+        """
         self._record_spec(spec)
-        self._ensure_index()
+        self._ensure_index(persist_required=True)
 
     def _record_is_current(self, record: Any, spec: IndexSpec) -> bool:
         return (
@@ -704,8 +760,12 @@ class FeatureDatabase:
         warnings.warn(f"index file {path} {problem}; rebuilding it", stacklevel=3)
         return None
 
-    def _persist_index(self, index: faiss.Index, spec: IndexSpec, generation: int) -> None:
-        if not os.access(self._path, os.W_OK):
+    def _persist_index(
+        self, index: faiss.Index, spec: IndexSpec, generation: int, *, required: bool = False
+    ) -> None:
+        """Save ``index`` as the one built for ``generation``. Optional for a read (a search on a
+        read-only or full disk warns and goes on with the index in memory) unless ``required``."""
+        if not required and not os.access(self._path, os.W_OK):
             return
         try:
             with self._writing() as meta:
@@ -722,10 +782,12 @@ class FeatureDatabase:
                 }
                 write_meta(self._path, meta)
             self._refresh(meta)
-        except OSError as error:
-            warnings.warn(f"could not save index to {self._path}: {error}", stacklevel=3)
+        except DatabaseError as error:  # _writing turns file-system errors into DatabaseError
+            if required:
+                raise
+            warnings.warn(f"could not save the index ({error}); using it unsaved", stacklevel=3)
 
-    def _ensure_index(self) -> faiss.Index:
+    def _ensure_index(self, *, persist_required: bool = False) -> faiss.Index:
         """The index for the current rows and spec: cached, loaded, or built (and persisted).
 
         An ``auto`` spec is resolved for the current row count first, so a database that grows
@@ -739,7 +801,7 @@ class FeatureDatabase:
         if index is None:
             index = build_index(self.features(), spec)
             if spec.type != "flat":
-                self._persist_index(index, spec, key[0])
+                self._persist_index(index, spec, key[0], required=persist_required)
         self._index, self._index_key = index, key
         return index
 
@@ -799,3 +861,36 @@ class FeatureDatabase:
                 mask = None
         index = self._ensure_index()
         return search_index(index, self.index_spec, q, k, mask)
+
+
+def _create_in_place(db_path: Path, meta: dict[str, Any]) -> bool:
+    """Write an empty database (``meta``, ``shards/``) into a temporary folder beside ``db_path``
+    and rename it to ``db_path``; ``False`` if another process's database got there first."""
+    parent = db_path.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{db_path.name}.new-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()  # mode 0o777 less the umask, as the database folder itself would be
+    except OSError as error:
+        raise DatabaseError(
+            f"cannot create feature database {db_path}: {error.strerror or error}"
+        ) from None
+    try:
+        (staging / SHARD_DIR).mkdir()
+        write_meta(staging, meta)
+        try:
+            os.rename(staging, db_path)  # atomic; replaces an empty directory
+        except OSError as error:
+            if (db_path / META_NAME).exists():
+                return False
+            raise DatabaseError(
+                f"cannot create feature database {db_path}: {error.strerror or error}"
+            ) from None
+        fsync_dir(parent)
+        return True
+    except OSError as error:
+        raise DatabaseError(
+            f"cannot create feature database {db_path}: {error.strerror or error}"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

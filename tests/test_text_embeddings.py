@@ -216,3 +216,38 @@ def test_results_are_plain_tensors() -> None:
     assert not emb.synonym_embeddings.is_inference()
     assert emb.synonym_embeddings.dtype == torch.float32
     assert emb.synonym_embeddings.device == torch.device("cpu")
+
+
+def test_cache_folder_is_bounded_least_recently_used_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = LookupBackbone(TABLE)
+    embed_vocabulary(backbone, Vocabulary.from_string("sofa"), cache_dir=tmp_path)
+    size = next(tmp_path.glob("*.npz")).stat().st_size
+    # room for three files of about this size
+    monkeypatch.setenv("RETCLIP_TEXT_CACHE_MB", str(3.5 * size / 2**20))
+    names = ["wall", "couch", "sofa, wall", "sofa, couch", "wall, couch", "a, b", "c, d"]
+    for step, name in enumerate(names):
+        embed_vocabulary(backbone, Vocabulary.from_string(name), cache_dir=tmp_path)
+        # "sofa" alone is read again before each write: recently used, never evicted
+        calls = len(backbone.calls)
+        embed_vocabulary(backbone, Vocabulary.from_string("sofa"), cache_dir=tmp_path)
+        assert len(backbone.calls) == calls, f"'sofa' was evicted at step {step}"
+        total = sum(f.stat().st_size for f in tmp_path.glob("*.npz"))
+        assert total <= 3.5 * size * 1.2
+    assert len(list(tmp_path.glob("*.npz"))) <= 4
+    # the newest vocabulary is cached, the oldest ones are gone
+    calls = len(backbone.calls)
+    embed_vocabulary(backbone, Vocabulary.from_string("c, d"), cache_dir=tmp_path)
+    assert len(backbone.calls) == calls
+    embed_vocabulary(backbone, Vocabulary.from_string("wall"), cache_dir=tmp_path)
+    assert len(backbone.calls) == calls + 1
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
+def test_bad_cache_bound_is_an_input_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("RETCLIP_TEXT_CACHE_MB", value)
+    with pytest.raises(InputError, match="RETCLIP_TEXT_CACHE_MB"):
+        embed_vocabulary(LookupBackbone(TABLE), Vocabulary.from_string("x"), cache_dir=tmp_path)

@@ -6,11 +6,14 @@ L2-normalised, the embeddings of one synonym are averaged over templates and re-
 the class's synonyms (FC-CLIP), so "couch" can match a sofa without diluting "sofa".
 
 Encoding hundreds of prompts is slow on CPU (seconds per class), so synonym embeddings are cached
-on disk, keyed by the backbone fingerprint, the templates and the ordered synonym list.
+on disk, keyed by the backbone fingerprint, the templates and the ordered synonym list. The cache
+folder is bounded (``RETCLIP_TEXT_CACHE_MB``, default 256 MB): past the bound the least recently
+used files are deleted, so a server asked for many distinct vocabularies does not fill its disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +34,9 @@ from retclip.vocabulary import Vocabulary
 
 #: Bumped when the cached content or its computation changes.
 _CACHE_VERSION = 1
+
+#: Default bound of the cache folder, in MB (``RETCLIP_TEXT_CACHE_MB`` overrides it).
+DEFAULT_CACHE_LIMIT_MB = 256.0
 
 
 def _load_default_templates() -> tuple[str, ...]:
@@ -88,6 +94,18 @@ def default_cache_dir() -> Path:
     return base / "text"
 
 
+def cache_limit_bytes() -> int:
+    """The cache folder's bound: ``$RETCLIP_TEXT_CACHE_MB`` (MB) if set, else the default."""
+    raw = os.environ.get("RETCLIP_TEXT_CACHE_MB")
+    try:
+        megabytes = DEFAULT_CACHE_LIMIT_MB if raw is None else float(raw)
+    except ValueError:
+        raise InputError(f"RETCLIP_TEXT_CACHE_MB={raw!r}; expected a number of megabytes") from None
+    if not megabytes >= 0 or megabytes == float("inf"):
+        raise InputError(f"RETCLIP_TEXT_CACHE_MB={raw!r}; expected a finite number >= 0")
+    return int(megabytes * 2**20)
+
+
 def embed_vocabulary(
     backbone: Backbone,
     vocab: Vocabulary,
@@ -129,6 +147,7 @@ def embed_vocabulary(
         array = _encode(backbone, synonyms, templates, batch_size)
         if path is not None:
             _write_cache(path, array, synonyms)
+            _evict(path.parent, cache_limit_bytes(), keep=path)
 
     device = backbone.device
     return ClassEmbeddings(
@@ -203,7 +222,28 @@ def _read_cache(path: Path, synonyms: Sequence[str]) -> np.ndarray | None:
         return None
     if array.ndim != 2 or stored != list(synonyms) or not np.isfinite(array).all():
         return None
+    with contextlib.suppress(OSError):  # recency for the LRU bound; a read-only cache is fine
+        os.utime(path)
     return array
+
+
+def _evict(directory: Path, limit: int, keep: Path) -> None:
+    """Delete the least recently used cache files until the folder holds at most ``limit``
+    bytes (``keep``, the file just written, goes last). Safe with other processes doing the
+    same: a file deleted by another is skipped."""
+    entries = []
+    for entry in directory.glob("*.npz"):
+        with contextlib.suppress(OSError):
+            stat = entry.stat()
+            entries.append((entry != keep, stat.st_mtime, stat.st_size, entry))
+    total = sum(size for _, _, size, _ in entries)
+    # oldest first; the file just written sorts after all others
+    for _, _, size, entry in sorted(entries, key=lambda e: (not e[0], e[1])):
+        if total <= limit:
+            break
+        with contextlib.suppress(OSError):
+            entry.unlink()
+        total -= size
 
 
 def _write_cache(path: Path, array: np.ndarray, synonyms: Sequence[str]) -> None:

@@ -495,3 +495,58 @@ def test_error_bodies_carry_no_server_paths(tmp_path: Path, scenes: list[np.ndar
         for answer in (segment(client, scenes[0], db="d"), client.get("/databases/d")):
             message = answer.json()["error"]
             assert answer.status_code >= 400 and str(tmp_path) not in message, message
+
+
+def test_a_chunked_oversized_body_is_413(tmp_path: Path, scenes: list[np.ndarray]) -> None:
+    config = ServerConfig(data_dir=tmp_path, max_upload_bytes=40_000)
+    body = b"".join(
+        [
+            b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n',
+            b"Content-Type: image/png\r\n\r\n",
+            png(np.random.default_rng(1).integers(0, 255, (150, 150, 3), dtype=np.uint8)),
+            b"\r\n--xyz--\r\n",
+        ]
+    )
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent with Transfer-Encoding: chunked
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    with local_client(create_app(config)) as small:
+        response = small.post(
+            "/segment",
+            content=chunks(),
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        )
+        assert "content-length" not in response.request.headers
+        assert response.request.headers["transfer-encoding"] == "chunked"
+        assert "upload limit of 40000 bytes" in error_of(response, 413)
+
+
+def test_work_per_request_is_bounded_by_masks_times_classes(
+    tmp_path: Path, scenes: list[np.ndarray]
+) -> None:
+    config = ServerConfig(data_dir=tmp_path, max_mask_class_pairs=20)
+    with local_client(create_app(config)) as bounded:
+        many = segment(bounded, scenes[0], classes=", ".join(f"class {i}" for i in range(40)))
+        message = error_of(many, 413)
+        assert "x 40 classes" in message and "the limit is 20 per image" in message
+        assert bounded.get("/health").json()["counters"]["segmented_images"] == 0
+        assert segment(bounded, scenes[0], classes="circle").status_code == 200
+        assert bounded.get("/models").json()["limits"]["max_mask_class_pairs"] == 20
+
+
+def test_work_of_a_timed_out_request_is_stopped(tmp_path: Path, scenes: list[np.ndarray]) -> None:
+    gated = _GatedProposer()
+    config = ServerConfig(data_dir=tmp_path, timeout_s=0.2)
+    with local_client(create_app(config, extra_proposers={"gated": gated})) as client:
+        late = segment(client, scenes[0], classes="a", proposer="gated")
+        assert "did not finish within 0.2 s" in error_of(late, 504)
+        gated.gate.release()  # the proposer returns; the backbone pass and scoring never run
+        for _ in range(200):
+            counters = client.get("/health").json()["counters"]
+            if counters["cancelled_jobs"]:
+                break
+            threading.Event().wait(0.02)
+        assert counters["cancelled_jobs"] == 1
+        assert counters["segmented_images"] == counters["backbone_passes"] == 0

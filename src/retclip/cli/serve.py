@@ -56,6 +56,12 @@ SERVED_MODEL_FIELDS = tuple(
     "--max-image-pixels", default=4096 * 4096, show_default=True, help="Largest image (W×H)."
 )
 @click.option("--max-classes", default=1000, show_default=True, help="Most classes per request.")
+@click.option(
+    "--max-mask-class-pairs",
+    default=250_000,
+    show_default=True,
+    help="Most masks x classes scored for one image (bounds a request's work).",
+)
 @click.option("--concurrency", default=1, show_default=True, help="Model batches run at once.")
 @click.option("--queue", "max_queue", default=32, show_default=True, help="Most queued jobs.")
 @click.option("--batch", "max_batch", default=4, show_default=True, help="Jobs per micro-batch.")
@@ -88,6 +94,7 @@ def serve(
     max_upload_mb: float,
     max_image_pixels: int,
     max_classes: int,
+    max_mask_class_pairs: int,
     concurrency: int,
     max_queue: int,
     max_batch: int,
@@ -128,6 +135,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_image_pixels=max_image_pixels,
         max_classes=max_classes,
+        max_mask_class_pairs=max_mask_class_pairs,
         max_concurrency=concurrency,
         max_queue=max_queue,
         max_batch=max_batch,

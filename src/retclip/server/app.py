@@ -245,7 +245,9 @@ def create_app(
             return engine().segment_batch(segmenter, jobs)
 
         key = ("segment", backbone, proposer, db_name, -1 if db is None else db.generation)
-        result: SegmentationResult = await dispatcher().submit(key, run, job)
+        result: SegmentationResult = await dispatcher().submit(
+            key, run, job, on_timeout=job.cancelled.set
+        )
         return result
 
     @app.get("/", include_in_schema=False)
@@ -256,7 +258,13 @@ def create_app(
     async def health() -> dict[str, Any]:
         """Liveness and counters of model work (``segmented_images``, ``backbone_passes``)."""
         counters = dict(engine().counters)
-        for key in ("segmented_images", "example_images", "backbone_passes", "rescored"):
+        for key in (
+            "segmented_images",
+            "example_images",
+            "backbone_passes",
+            "rescored",
+            "cancelled_jobs",
+        ):
             counters.setdefault(key, 0)
         return {
             "status": "ok",

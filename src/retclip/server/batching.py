@@ -44,9 +44,17 @@ class Dispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def submit(
-        self, key: tuple[Any, ...], run: Callable[[list[Any]], list[Any]], payload: Any
+        self,
+        key: tuple[Any, ...],
+        run: Callable[[list[Any]], list[Any]],
+        payload: Any,
+        *,
+        on_timeout: Callable[[], None] | None = None,
     ) -> Any:
-        """Queue one job and wait for its result (503 when the queue is full, 504 on timeout)."""
+        """Queue one job and wait for its result (503 when the queue is full, 504 on timeout).
+
+        ``on_timeout`` is called when the wait times out, so work already running can stop
+        (a job still queued is skipped anyway)."""
         job = _Job(key, run, payload, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)
@@ -60,6 +68,8 @@ class Dispatcher:
             return await asyncio.wait_for(asyncio.shield(job.future), self.config.timeout_s)
         except TimeoutError:
             job.future.cancel()
+            if on_timeout is not None:
+                on_timeout()
             raise ServerError(
                 504, f"the request did not finish within {self.config.timeout_s:g} s"
             ) from None

@@ -34,6 +34,8 @@ class ServerConfig(BaseModel):
         max_upload_bytes: largest request body.
         max_image_pixels: largest image (width × height), checked before decoding.
         max_classes: most classes in one request.
+        max_mask_class_pairs: most (mask, class) scores of one image (masks × classes): bounds
+            the scoring, retrieval and merge work of a request after its proposer ran.
         max_example_images: most images in one ``add rows`` request.
         max_concurrency: model batches running at once.
         max_queue: jobs waiting at most; more → 503.
@@ -60,6 +62,7 @@ class ServerConfig(BaseModel):
     max_upload_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_classes: int = Field(1000, ge=1)
+    max_mask_class_pairs: int = Field(250 * 1000, ge=1)
     max_example_images: int = Field(32, ge=1)
     max_concurrency: int = Field(1, ge=1)
     max_queue: int = Field(32, ge=1)
@@ -90,6 +93,7 @@ class ServerConfig(BaseModel):
             "max_upload_bytes",
             "max_image_pixels",
             "max_classes",
+            "max_mask_class_pairs",
             "max_example_images",
             "max_concurrency",
             "max_queue",

@@ -22,7 +22,7 @@ from retclip.images import image_to_tensor
 from retclip.pipeline import ModelSpec, PipelineSpec, build_segmenter, spec_error
 from retclip.proposers.base import MaskProposer
 from retclip.segmenter import PreparedImage, SegmentationResult, Segmenter, Settings
-from retclip.server.config import ServerConfig
+from retclip.server.config import ServerConfig, ServerError
 from retclip.vocabulary import Vocabulary
 
 #: (backbone, proposer, database snapshot) segmenters kept (each holds its vocabularies' text
@@ -32,12 +32,14 @@ SEGMENTER_CACHE_SIZE = 16
 
 @dataclasses.dataclass
 class SegmentJob:
-    """One image to segment with one vocabulary under some settings."""
+    """One image to segment with one vocabulary under some settings. ``cancelled`` is set when
+    its request gave up waiting (504): the worker then stops at the next stage boundary."""
 
     image: np.ndarray
     vocab: Vocabulary
     settings: Settings
     source: str
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @dataclasses.dataclass
@@ -47,6 +49,10 @@ class FeatureJob:
     images: list[np.ndarray]
     masks: list[np.ndarray]  # [N, H, W] bool per image
     pooling: Literal["soft", "binary"] = "soft"
+
+
+def _gave_up() -> ServerError:
+    return ServerError(504, "the request gave up waiting; its work was stopped")
 
 
 class Engine:
@@ -126,21 +132,48 @@ class Engine:
     def segment_batch(
         self, segmenter: Segmenter, jobs: Sequence[SegmentJob]
     ) -> list[SegmentationResult | RetclipError]:
-        """Segment ``jobs`` as :meth:`Segmenter.__call__` does, one backbone pass per image size."""
+        """Segment ``jobs`` as :meth:`Segmenter.__call__` does, one backbone pass per image size.
+
+        Work is bounded per job: a job whose request timed out is dropped before its proposer
+        and again before its backbone pass and scoring, and one whose masks × classes exceed
+        ``max_mask_class_pairs`` is refused (413) before scoring.
+        """
         results: list[SegmentationResult | RetclipError | None] = [None] * len(jobs)
         prepared: list[PreparedImage] = []
         positions: list[int] = []
+        limit = self.config.max_mask_class_pairs
         for i, job in enumerate(jobs):
+            if self._dropped(job):
+                results[i] = _gave_up()
+                continue
             try:
-                prepared.append(segmenter.prepare(job.image, job.vocab, source=job.source))
-                positions.append(i)
+                item = segmenter.prepare(job.image, job.vocab, source=job.source)
             except RetclipError as error:
                 results[i] = error
+                continue
+            pairs = len(item.proposals) * len(item.vocabulary)
+            if pairs > limit:
+                results[i] = ServerError(
+                    413,
+                    f"{len(item.proposals)} masks x {len(item.vocabulary)} classes = {pairs} "
+                    f"mask-class scores; the limit is {limit} per image: send fewer classes",
+                )
+            elif self._dropped(job):
+                results[i] = _gave_up()
+            else:
+                prepared.append(item)
+                positions.append(i)
         for i, result in zip(positions, segmenter.finish(prepared), strict=True):
             results[i] = result.rescore(**dataclasses.asdict(jobs[i].settings))
         self.count("backbone_passes", len({item.pixels.shape for item in prepared}))
-        self.count("segmented_images", len(jobs))
+        self.count("segmented_images", len(prepared))
         return [r for r in results if r is not None]
+
+    def _dropped(self, job: SegmentJob) -> bool:
+        if job.cancelled.is_set():
+            self.count("cancelled_jobs")
+            return True
+        return False
 
     @torch.inference_mode()
     def features(self, backbone: Backbone, job: FeatureJob) -> np.ndarray:

@@ -143,19 +143,27 @@ class BodyLimit:
             await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
             return
         received = 0
-        started = False
+        started = exceeded = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             incoming = await receive()
             if incoming["type"] == "http.request":
                 received += len(incoming.get("body", b""))
                 if received > self.limit:
+                    exceeded = True
                     raise ServerError(413, message)
             return incoming
 
         async def tracking_send(outgoing: Message) -> None:
             nonlocal started
+            if exceeded:
+                # the body parser may turn the ServerError into its own 400 ("error parsing the
+                # body"): whatever the app answers, the answer is the 413
+                if outgoing["type"] == "http.response.start" and not started:
+                    started = True
+                    await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+                return
             started = started or outgoing["type"] == "http.response.start"
             await send(outgoing)
 

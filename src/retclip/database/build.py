@@ -130,6 +130,118 @@ def _batches(items: Sequence[BuildItem], size: int) -> Iterator[Sequence[BuildIt
         yield items[start : start + size]
 
 
+@dataclasses.dataclass
+class ImageRows:
+    """The rows one image gives (:func:`image_rows`): features ``[n, D]`` float32 with their
+    labels and provenance, and how many of the proposer's masks were dropped."""
+
+    source: str
+    features: np.ndarray
+    labels: list[str]
+    boxes: np.ndarray
+    mask_areas: np.ndarray
+    scores: np.ndarray
+    dropped: int
+
+
+def image_rows(
+    backbone: Backbone,
+    proposer: MaskProposer,
+    item: BuildItem,
+    image: np.ndarray,
+    *,
+    pooling: PoolingMode = "soft",
+) -> ImageRows:
+    """The per-image work of a build: proposals prompted with the item's labels → one backbone
+    pass → mask pooling. Each mask whose class hint names a label becomes a row; masks without
+    a hint (or empty ones) are dropped. The one definition for every build path (in-process,
+    Ray workers), so they cannot drift."""
+    vocabulary = Vocabulary([VocabClass(label) for label in item.labels])
+    proposals = proposer.propose(SourceImage(image, item.source), vocabulary)
+    if proposals.class_hints is None:
+        raise InputError(
+            f"proposer {proposer.name!r} gives no class per mask, so its masks "
+            "cannot label database rows: use a class-prompted proposer"
+        )
+    mask_areas = proposals.masks.sum(axis=(1, 2))
+    keep = (proposals.class_hints >= 0) & (mask_areas > 0)
+    kept = proposals.select(keep)
+    if not len(kept):
+        return ImageRows(
+            item.source,
+            np.zeros((0, backbone.dim), np.float32),
+            [],
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.float32),
+            int((~keep).sum()),
+        )
+    assert kept.class_hints is not None and kept.boxes is not None
+    features = segment_features(backbone, image, kept.masks, mode=pooling).cpu().numpy()
+    return ImageRows(
+        item.source,
+        features.astype(np.float32, copy=False),
+        [item.labels[h] for h in kept.class_hints],
+        np.asarray(kept.boxes, dtype=np.float32),
+        np.asarray(mask_areas[keep], dtype=np.int64),
+        np.asarray(kept.scores, dtype=np.float32),
+        int((~keep).sum()),
+    )
+
+
+def commit_rows(
+    db: FeatureDatabase,
+    parts: Sequence[ImageRows],
+    *,
+    build_id: str,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+) -> int:
+    """One atomic commit of the rows of a batch of images, recording every image of the batch
+    (with rows or without) as completed by ``build_id``; returns the rows added (fewer when
+    another writer of this build committed some of them first)."""
+
+    def stacked(key: str, empty: np.ndarray) -> np.ndarray:
+        return np.concatenate([getattr(p, key) for p in parts]) if parts else empty
+
+    return db.add(
+        stacked("features", np.zeros((0, db.dim), np.float32)),
+        [label for p in parts for label in p.labels],
+        sources=[p.source for p in parts for _ in p.labels],
+        boxes=stacked("boxes", np.zeros((0, 4), np.float32)),
+        mask_areas=stacked("mask_areas", np.zeros(0, np.int64)),
+        scores=stacked("scores", np.zeros(0, np.float32)),
+        build_id=build_id,
+        synonyms=synonyms,
+        completed_sources=[p.source for p in parts],
+    )
+
+
+def pending_items(
+    db: FeatureDatabase,
+    backbone: Backbone,
+    proposer: MaskProposer,
+    items: Sequence[BuildItem],
+    *,
+    build_id: str,
+    batch_size: int,
+    pooling: PoolingMode,
+) -> list[BuildItem]:
+    """Check that the models can add rows to ``db`` (its recipe, a class-prompted proposer, the
+    batch size) and record the pooling rule; returns the items not yet completed by
+    ``build_id``, in order (what a build, or a resumed one, still has to do)."""
+    db.check_compatible(backbone.fingerprint, backbone.dim, pooling=pooling)
+    db.record_pooling(pooling)
+    if not proposer.gives_class_hints:
+        raise InputError(
+            f"proposer {proposer.name!r} gives no class per mask, so its masks cannot label "
+            "database rows: use a class-prompted proposer (grounded-sam, owl-sam) or gt"
+        )
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    done = db.completed_sources(build_id)
+    return [item for item in items if item.source not in done]
+
+
 def build_database(
     db: FeatureDatabase,
     backbone: Backbone,
@@ -147,67 +259,25 @@ def build_database(
     """Add the rows of ``items`` to ``db``, one atomic commit per batch, skipping committed images.
 
     Each mask whose class hint names one of the item's labels becomes a row labelled with it;
-    masks without a hint (or empty ones) are dropped and counted. ``on_commit`` is called with the
-    number of batches committed so far (progress reporting).
+    masks without a hint (or empty ones) are dropped and counted (:func:`image_rows`).
+    ``on_commit`` is called with the number of batches committed so far (progress reporting).
+    :func:`retclip.distributed.build_database_on_ray` is the same build on a Ray cluster.
     """
-    db.check_compatible(backbone.fingerprint, backbone.dim, pooling=pooling)
-    db.record_pooling(pooling)
-    if not proposer.gives_class_hints:
-        raise InputError(
-            f"proposer {proposer.name!r} gives no class per mask, so its masks cannot label "
-            "database rows: use a class-prompted proposer (grounded-sam, owl-sam) or gt"
-        )
-    if batch_size < 1:
-        raise InputError(f"batch size must be >= 1, got {batch_size}")
-    done = db.completed_sources(build_id)
-    todo = [item for item in items if item.source not in done]
+    todo = pending_items(
+        db, backbone, proposer, items, build_id=build_id, batch_size=batch_size, pooling=pooling
+    )
     report = BuildReport(skipped=len(items) - len(todo))
     bar = tqdm(total=len(todo), unit="img", desc="db build", disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as decoder:
         for committed, batch in enumerate(_batches(todo, batch_size), start=1):
             images = decoder.map(load_image, [item.source for item in batch])
-            features: list[np.ndarray] = []
-            labels: list[str] = []
-            sources: list[str] = []
-            boxes: list[np.ndarray] = []
-            areas: list[np.ndarray] = []
-            scores: list[np.ndarray] = []
-            for item, image in zip(batch, images, strict=True):
-                vocabulary = Vocabulary([VocabClass(label) for label in item.labels])
-                proposals = proposer.propose(SourceImage(image, item.source), vocabulary)
-                if proposals.class_hints is None:
-                    raise InputError(
-                        f"proposer {proposer.name!r} gives no class per mask, so its masks "
-                        "cannot label database rows: use a class-prompted proposer"
-                    )
-                mask_areas = proposals.masks.sum(axis=(1, 2))
-                keep = (proposals.class_hints >= 0) & (mask_areas > 0)
-                report.dropped_masks += int((~keep).sum())
-                kept = proposals.select(keep)
-                if len(kept):
-                    features.append(
-                        segment_features(backbone, image, kept.masks, mode=pooling).cpu().numpy()
-                    )
-                    assert kept.class_hints is not None and kept.boxes is not None
-                    labels.extend(item.labels[h] for h in kept.class_hints)
-                    sources.extend([item.source] * len(kept))
-                    boxes.append(kept.boxes)
-                    areas.append(mask_areas[keep])
-                    scores.append(kept.scores)
-            rows = sum(len(f) for f in features)
-            added = db.add(
-                np.concatenate(features) if rows else np.zeros((0, backbone.dim), np.float32),
-                labels,
-                sources=sources,
-                boxes=np.concatenate(boxes) if rows else np.zeros((0, 4), np.float32),
-                mask_areas=np.concatenate(areas) if rows else np.zeros(0, np.int64),
-                scores=np.concatenate(scores) if rows else np.zeros(0, np.float32),
-                build_id=build_id,
-                synonyms=synonyms,
-                completed_sources=[item.source for item in batch],
-            )
+            parts = [
+                image_rows(backbone, proposer, item, image, pooling=pooling)
+                for item, image in zip(batch, images, strict=True)
+            ]
+            report.dropped_masks += sum(p.dropped for p in parts)
+            report.rows += commit_rows(db, parts, build_id=build_id, synonyms=synonyms)
             report.images += len(batch)
-            report.rows += added  # fewer when another writer of this build committed them first
             bar.update(len(batch))
             bar.set_postfix(rows=report.rows)
             if on_commit is not None:

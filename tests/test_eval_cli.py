@@ -147,7 +147,7 @@ def test_config_file_seen_unseen_and_flag_precedence(scenes, eval_db, tmp_path) 
     assert invoke(eval_command, *args, "--gamma", "0.5").exit_code == 0  # the flag wins
     assert json.loads((out / "metrics.json").read_text())["run"]["settings"]["gamma"] == 0.5
     config.write_text(json.dumps({"gama": 1.0}))
-    assert_error(invoke(eval_command, *args), "unknown options gama")
+    assert_error(invoke(eval_command, *args), "unknown option 'gama'")
 
 
 def test_predictions_from_segment_outputs_score_like_eval(scenes, eval_db, tmp_path) -> None:

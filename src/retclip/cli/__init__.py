@@ -5,7 +5,7 @@
 - :mod:`~retclip.cli.eval` — ``eval``, ``sweep``;
 - :mod:`~retclip.cli.serve` — ``serve``;
 - :mod:`~retclip.cli.toyworld` — ``toyworld generate``, ``demo``;
-- :mod:`~retclip.cli.models` — ``models``, ``vocab``, ``convert-fcclip``;
+- :mod:`~retclip.cli.models` — ``models``, ``vocab``, ``configs``, ``convert-fcclip``;
 - :mod:`~retclip.cli.options` — the option groups they share and the clean error reporting.
 
 Every error caused by input ends as one line ``Error: <cause>`` on stderr and exit status 1
@@ -23,7 +23,12 @@ import click
 
 from retclip.cli.db import db
 from retclip.cli.eval import eval_command, sweep_command
-from retclip.cli.models import convert_fcclip_command, models_command, vocab_command
+from retclip.cli.models import (
+    configs_command,
+    convert_fcclip_command,
+    models_command,
+    vocab_command,
+)
 from retclip.cli.options import CleanErrorsGroup
 from retclip.cli.segment import segment
 from retclip.cli.serve import serve
@@ -48,6 +53,7 @@ for command in (
     demo_command,
     models_command,
     vocab_command,
+    configs_command,
     convert_fcclip_command,
 ):
     cli.add_command(command)

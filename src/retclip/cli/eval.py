@@ -40,23 +40,41 @@ SWEEP_COLUMNS = ("PQ", "PQ_th", "PQ_st", "mAP", "mIoU")
 DATASET_CHOICES = ("coco-panoptic", "ade20k", "coco")
 
 
-def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
-    """``--config FILE``: a JSON object of option values (names with ``-`` or ``_``) that become
-    the defaults; options given on the command line win."""
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """``--config FILE|NAME``: a JSON object of option values (names as on the command line,
+    with ``-`` or ``_``), or a shipped config by name (``retclip configs``), that become the
+    defaults; options given on the command line win. What the config ``needs`` is checked once
+    the command line is parsed (:func:`_check_config_needs`)."""
     if value is None:
         return
-    try:
-        data = json.loads(Path(value).read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"cannot read config file {value}: {exc}") from None
-    if not isinstance(data, dict):
-        raise click.ClickException(f"config file {value} must hold a JSON object")
-    known = {p.name for p in ctx.command.params if p.name}
-    options = {str(k).replace("-", "_").lstrip("_"): v for k, v in data.items()}
-    unknown = sorted(set(options) - known - {"config"})
-    if unknown:
-        raise click.ClickException(f"config file {value}: unknown options {', '.join(unknown)}")
+    from retclip.configs import load_run_config
+
+    config = load_run_config(value)
+    names: dict[str, str] = {}
+    for param in ctx.command.params:
+        if param.name:
+            names[param.name] = param.name
+            for opt in (*param.opts, *param.secondary_opts):
+                names[opt.lstrip("-").replace("-", "_")] = param.name
+    options: dict[str, Any] = {}
+    for key, option_value in config.options.items():
+        name = names.get(str(key).replace("-", "_").lstrip("_"))
+        if name is None or name == "config":
+            raise click.ClickException(f"config {config.name}: unknown option {key!r}")
+        options[name] = option_value
     ctx.default_map = {**(ctx.default_map or {}), **options}
+    ctx.meta["retclip.config"] = config
+
+
+def _check_config_needs(o: dict[str, Any]) -> None:
+    """Each option the config says it needs was given (on the command line or in it)."""
+    config = click.get_current_context().meta.get("retclip.config")
+    if config is None:
+        return
+    for name, what in config.needs.items():
+        if o.get(name) is None:
+            flag = "--" + {"kind": "dataset"}.get(name, name).replace("_", "-")
+            raise InputError(f"config {config.name} needs {flag}: {what}")
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -67,6 +85,19 @@ def _floats(text: str, name: str) -> list[float]:
     if not values:
         raise InputError(f"{name} is empty; expected e.g. 0.3,0.4")
     return values
+
+
+def _points(text: str) -> list[tuple[float, float, float]]:
+    """``'a,b,g;a,b,g'`` → (alpha, beta, gamma) triples."""
+    points = []
+    for part in (p for p in text.split(";") if p.strip()):
+        values = _floats(part, "--points")
+        if len(values) != 3:
+            raise InputError(f"--points entry {part.strip()!r} must be alpha,beta,gamma")
+        points.append((values[0], values[1], values[2]))
+    if not points:
+        raise InputError("--points is empty; expected e.g. 0.4,0.7,0.3;0.4,0.7,0.2")
+    return points
 
 
 def _image_ids(text: str | None) -> list[str] | None:
@@ -156,15 +187,18 @@ def _spec(o: dict[str, Any]) -> Any:
     ).resolved()
 
 
-@click.command("eval", cls=CleanErrorsCommand)
-@click.option(
+config_option = click.option(
     "--config",
-    type=click.Path(path_type=Path),
     is_eager=True,
     expose_value=False,
     callback=_load_config,
-    help="JSON file of option values (command-line options win).",
+    help="JSON file of option values, or a shipped config by name (retclip configs); "
+    "command-line options win.",
 )
+
+
+@click.command("eval", cls=CleanErrorsCommand)
+@config_option
 @with_options(dataset_options)
 @click.option("--vocab", help="Class text by position (builtin or file) [default: dataset names].")
 @with_options(train_vocab_option)
@@ -216,6 +250,7 @@ def eval_command(**o: Any) -> None:
     from retclip.segmenter import Segmenter, Settings
     from retclip.vocabulary import Vocabulary
 
+    _check_config_needs(o)
     out: Path = o["out"]
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a directory")
@@ -279,10 +314,16 @@ def eval_command(**o: Any) -> None:
 
 
 @click.command("sweep", cls=CleanErrorsCommand)
+@config_option
 @click.argument("cache_dir", type=click.Path(path_type=Path))
 @click.option("--alpha", "alphas", default="0.4", show_default=True, help="Comma-separated.")
 @click.option("--beta", "betas", default="0.7", show_default=True, help="Comma-separated.")
 @click.option("--gamma", "gammas", default="0.3", show_default=True, help="Comma-separated.")
+@click.option(
+    "--points",
+    help="Exact settings 'a,b,g;a,b,g;...' instead of the --alpha x --beta x --gamma grid "
+    "(Table 4's rows: --config table4-sweep).",
+)
 @click.option("--combine", type=click.Choice(list(COMBINE_MODES)), default="linear")
 @click.option("--score-threshold", default=0.0, show_default=True)
 @click.option("--overlap-threshold", default=0.8, show_default=True)
@@ -330,12 +371,17 @@ def sweep_command(cache_dir: Path, **o: Any) -> None:
         score_threshold=o["score_threshold"],
         overlap_threshold=o["overlap_threshold"],
     )
-    grid = sweep_grid(
-        base,
-        _floats(o["alphas"], "--alpha"),
-        _floats(o["betas"], "--beta"),
-        _floats(o["gammas"], "--gamma"),
-    )
+    if o["points"]:
+        grid = [
+            dataclasses.replace(base, alpha=a, beta=b, gamma=g) for a, b, g in _points(o["points"])
+        ]
+    else:
+        grid = sweep_grid(
+            base,
+            _floats(o["alphas"], "--alpha"),
+            _floats(o["betas"], "--beta"),
+            _floats(o["gammas"], "--gamma"),
+        )
     evaluators = score_cache(
         dataset, indices, cache, vocabulary, grid, seen=seen, progress=o["progress"]
     )

@@ -74,3 +74,27 @@ def convert_fcclip_command(
     report = convert_fcclip(checkpoint, output, variant=variant, include_backbone=include_backbone)
     click.echo(report.format())
     click.echo(f"wrote {output}")
+
+
+@click.command("configs", cls=CleanErrorsCommand)
+@click.argument("name", required=False)
+def configs_command(name: str | None) -> None:
+    """The shipped run configs, one per row of the paper's tables, with the paper's numbers.
+
+    With NAME, print that config (its options, and what it still needs). Use one with
+    ``retclip eval --config NAME`` (or ``retclip sweep --config table4-sweep``); docs/reproduce.md
+    says how to get what each needs.
+    """
+    from retclip.configs import load_run_config, shipped_configs
+
+    if name is not None:
+        config = load_run_config(name)
+        click.echo(json.dumps({"about": config.about, **config.options}, indent=2))
+        return
+    click.echo(f"{'name':<28}  {'PQ':>5}  {'mAP':>5}  {'mIoU':>5}  row")
+    for shipped in shipped_configs():
+        config = load_run_config(shipped)
+        paper = config.about.get("paper", {})
+        numbers = [paper.get(k) for k in ("PQ", "mAP", "mIoU")]
+        cells = [f"{v:>5.1f}" if isinstance(v, int | float) else f"{'–':>5}" for v in numbers]
+        click.echo(f"{shipped:<28}  {'  '.join(cells)}  {config.about.get('row', '')}")

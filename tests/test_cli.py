@@ -78,17 +78,14 @@ def test_segment_end_to_end(scenes, cli_db, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     stem = sorted(image_dir.iterdir())[0].stem
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    suffixes = ("panoptic.png", "panoptic.json", "semantic.png", "instances.json", "overlay.png")
     assert written == sorted(
-        f"{stem}_{s}"
-        for s in (
-            "panoptic.png",
-            "panoptic.json",
-            "semantic.png",
-            "instances.json",
-            "overlay.png",
-            "scores.npz",
-        )
+        [*(f"{stem}_{s}" for s in (*suffixes, "scores.npz")), "manifest.jsonl"]
     )
+    (line,) = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["status"] == "ok" and record["image"].endswith(f"{stem}.png")
+    assert len(record["outputs"]) == 6 and all(Path(p).is_file() for p in record["outputs"])
     # the expected panoptic result: the ground-truth partition with the ground-truth categories
     truth = json.loads(Path(json_path).read_text())
     gt_segments = truth["annotations"][0]["segments_info"]

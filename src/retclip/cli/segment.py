@@ -1,7 +1,14 @@
-"""``retclip segment``: images and a vocabulary in, the five output files per image out."""
+"""``retclip segment``: images (files, folders or globs) and a vocabulary in, the five output
+files per image out, and a ``manifest.jsonl`` line per image."""
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +25,130 @@ from retclip.cli.options import (
     train_vocab_option,
     with_options,
 )
-from retclip.errors import InputError
+from retclip.errors import InputError, RetclipError
 from retclip.pipeline import ModelSpec
+
+#: File name endings ``segment`` picks up when it walks a folder or expands a glob.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MANIFEST_NAME = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to segment: its path, where its outputs go (``out/<rel>/<stem>_*``) and whether
+    it was named explicitly (then it must be readable before anything runs)."""
+
+    path: Path
+    out_dir: Path
+    stem: str
+    explicit: bool
+
+
+def collect_images(arguments: tuple[Path, ...], out: Path, recursive: bool) -> list[ImageTask]:
+    """The images named by files, folders (their images; ``recursive``: and below) and glob
+    patterns, in argument order and sorted within a folder or pattern. Outputs of an image found
+    in a folder keep its sub-folder under ``out``, so equal names in two folders cannot collide.
+    """
+    tasks: list[ImageTask] = []
+    for argument in arguments:
+        if argument.is_dir():
+            found = argument.rglob("*") if recursive else argument.glob("*")
+            for path in sorted(p for p in found if _is_image_name(p)):
+                rel = path.relative_to(argument).parent
+                tasks.append(ImageTask(path, out / rel, path.stem, explicit=False))
+        elif argument.exists():
+            tasks.append(ImageTask(argument, out, argument.stem, explicit=True))
+        elif glob.has_magic(str(argument)):
+            matches = sorted(
+                Path(p) for p in glob.glob(str(argument), recursive=recursive) if Path(p).is_file()
+            )
+            matches = [p for p in matches if _is_image_name(p)]
+            if not matches:
+                raise InputError(f"no image matches {argument}")
+            tasks.extend(ImageTask(p, out, p.stem, explicit=False) for p in matches)
+        else:
+            raise InputError(f"image not found: {argument}")
+    if not tasks:
+        raise InputError(
+            f"no images in {', '.join(map(str, arguments))} "
+            f"(looked for {', '.join(IMAGE_SUFFIXES)}"
+            + ("" if recursive else "; --recursive also looks in sub-folders")
+            + ")"
+        )
+    seen: dict[tuple[Path, str], Path] = {}
+    for task in tasks:
+        key = (task.out_dir, task.stem)
+        if key in seen and seen[key] != task.path:
+            raise InputError(
+                f"{seen[key]} and {task.path} share the name stem {task.stem!r} in one output "
+                "folder; their outputs would collide"
+            )
+        seen[key] = task.path
+    return list({(t.out_dir, t.stem): t for t in tasks}.values())
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def outputs_complete(task: ImageTask) -> bool:
+    """All of an image's output files exist (the scores file is written last)."""
+    from retclip.outputs.files import output_paths
+
+    paths = [*output_paths(task.out_dir, task.stem).values()]
+    paths.append(task.out_dir / f"{task.stem}_scores.npz")
+    return all(p.is_file() for p in paths)
+
+
+class Manifest:
+    """``manifest.jsonl`` in the output folder: one JSON line per image, each appended by one
+    ``O_APPEND`` write, so two runs writing into one folder never interleave within a line."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / MANIFEST_NAME
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def _vocabulary(classes: str | None, vocab: str | None, db: str | None) -> Any:
+    """``--classes`` / ``--vocab``, where ``--vocab db`` is every label of the ``--db``
+    database that has rows (a class-prompted proposer then prunes the labels absent from
+    each image)."""
+    from retclip.vocabulary import Vocabulary
+
+    if vocab is not None and vocab.strip().lower() == "db" and not (classes or "").strip():
+        if not db:
+            raise InputError("--vocab db segments with the database's labels: give --db too")
+        from retclip.database import FeatureDatabase
+
+        return FeatureDatabase.open(db).vocabulary()
+    return Vocabulary.from_choice(classes, vocab)
+
+
+def _results(
+    segmenter: Any, vocabulary: Any, tasks: list[ImageTask]
+) -> Iterator[tuple[ImageTask, Any, float]]:
+    """Each task's result (or the :class:`RetclipError` of an image found in a folder) and its
+    seconds."""
+    from retclip.images import load_image
+
+    for task in tasks:
+        start = time.perf_counter()
+        try:
+            result = segmenter(load_image(task.path), vocabulary, source=task.path)
+            result.save(task.out_dir, task.stem)
+        except RetclipError as error:
+            if task.explicit:
+                raise
+            yield task, error, time.perf_counter() - start
+            continue
+        yield task, result, time.perf_counter() - start
 
 
 @click.command(cls=CleanErrorsCommand)
@@ -27,41 +156,87 @@ from retclip.pipeline import ModelSpec
 @click.option(
     "--classes", help='Class names, comma-separated; synonyms with "|": "sofa|couch, wall".'
 )
-@click.option("--vocab", help="A built-in vocabulary (ade20k-150, coco-panoptic-133) or a file.")
+@click.option(
+    "--vocab",
+    help="A built-in vocabulary (ade20k-150, coco-panoptic-133), a file, or 'db': every label "
+    "of the --db database.",
+)
 @click.option("--proposer", required=True, help=ModelSpec.model_fields["proposer"].description)
 @with_options(model_options())
 @with_options(retrieval_options)
 @with_options(train_vocab_option)
 @with_options(ensemble_options)
+@click.option(
+    "--recursive", is_flag=True, help="Also segment the images in sub-folders of a folder."
+)
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Skip images whose output files are all there (a killed run continues).",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 def segment(
     images: tuple[Path, ...],
     classes: str | None,
     vocab: str | None,
     proposer: str,
+    recursive: bool,
+    resume: bool,
     out: Path,
     **options: Any,
 ) -> None:
-    """Segment IMAGES with the given classes; writes five files per image into --out.
+    """Segment IMAGES (files, folders, or quoted glob patterns such as 'photos/*.jpg') with the
+    given classes; writes five files per image into --out, and a line per image into
+    --out/manifest.jsonl.
 
     For each image <stem>: <stem>_panoptic.png/.json (COCO panoptic), <stem>_semantic.png,
     <stem>_instances.json (COCO results, RLE), <stem>_overlay.png, and <stem>_scores.npz (the
-    per-mask s_clip / s_ret / s_iv, for re-scoring without a model pass).
+    per-mask s_clip / s_ret / s_iv, for re-scoring without a model pass). Images named one by one
+    must all be readable before anything is written; an unreadable image found in a folder or by
+    a pattern is recorded in the manifest and the run goes on.
     """
     from retclip.images import load_image
     from retclip.pipeline import build_segmenter
-    from retclip.vocabulary import Vocabulary
 
-    vocabulary = Vocabulary.from_choice(classes, vocab)
-    stems = [image.stem for image in images]
-    if len(set(stems)) != len(stems):
-        raise InputError("two images share a file name stem; their outputs would collide")
-    for image in images:  # every image is readable before anything is written for any
-        load_image(image)
+    vocabulary = _vocabulary(classes, vocab, options.get("db"))
+    tasks = collect_images(images, out, recursive)
+    for task in tasks:  # images named one by one are readable before anything is written
+        if task.explicit:
+            load_image(task.path)
+    todo = [t for t in tasks if not (resume and outputs_complete(t))]
+    skipped = len(tasks) - len(todo)
     with output_dir(out):
+        manifest = Manifest(out)
+        if skipped:
+            click.echo(f"{skipped} of {len(tasks)} images already have all their outputs; skipped")
+        if not todo:
+            return
         segmenter = build_segmenter(pipeline_spec(options, proposer))
-        for image in tqdm(images, unit="img", desc="segment", disable=len(images) < 2):
-            result = segmenter(load_image(image), vocabulary, source=image)
-            result.save(out, image.stem)
-            found = sorted({result.label_of(s) for s in result.segments})
-            click.echo(f"{image}: {len(result.segments)} segments ({', '.join(found) or 'none'})")
+        bar = tqdm(total=len(todo), unit="img", desc="segment", disable=len(todo) < 2)
+        failed = 0
+        for task, outcome, seconds in _results(segmenter, vocabulary, todo):
+            record: dict[str, Any] = {"image": str(task.path), "seconds": round(seconds, 3)}
+            if isinstance(outcome, RetclipError):
+                failed += 1
+                record.update(status="error", error=str(outcome))
+                bar.write(f"{task.path}: error: {outcome}")
+            else:
+                found = sorted({outcome.label_of(s) for s in outcome.segments})
+                paths = [*_output_files(task)]
+                record.update(status="ok", segments=len(outcome.segments), outputs=paths)
+                bar.write(
+                    f"{task.path}: {len(outcome.segments)} segments ({', '.join(found) or 'none'})"
+                )
+            manifest.write(record)
+            bar.update(1)
+        bar.close()
+        if failed:
+            click.echo(f"{failed} of {len(todo)} images failed; see {manifest.path}")
+
+
+def _output_files(task: ImageTask) -> list[str]:
+    from retclip.outputs.files import output_paths
+
+    paths = [*output_paths(task.out_dir, task.stem).values()]
+    return [str(p) for p in (*paths, task.out_dir / f"{task.stem}_scores.npz")]

@@ -95,6 +95,7 @@ from retclip.files import (
     file_sha256,
     fsync_dir,
 )
+from retclip.vocabulary import VocabClass, Vocabulary
 
 __all__ = ["DTYPES", "FORMAT_VERSION", "META_NAME", "DatabaseLabel", "FeatureDatabase"]
 
@@ -258,6 +259,19 @@ class FeatureDatabase:
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def vocabulary(self) -> Vocabulary:
+        """Every label that has rows, with its synonyms, as a vocabulary (``--vocab db``):
+        segmenting with everything the database knows needs no class list."""
+        counts = self.rows_per_class()
+        classes = [
+            VocabClass(label.name, label.synonyms)
+            for label in self.labels
+            if counts.get(label.name, 0) > 0
+        ]
+        if not classes:
+            raise InputError(f"feature database {self._path} has no rows, so no labels")
+        return Vocabulary(classes, name=f"db:{self._path.name}")
 
     @property
     def labels(self) -> list[DatabaseLabel]:

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from retclip.errors import InputError
 from retclip.files import atomic_write
 
-__all__ = ["image_to_tensor", "load_image"]
+__all__ = ["decode_image", "image_to_tensor", "load_image"]
 
 # What PIL raises for damaged files besides OSError (SyntaxError for bad PNG chunks, ...).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
@@ -140,28 +140,40 @@ def load_image(path: str | Path) -> np.ndarray:
         raise InputError(f"image not found: {path}")
     if path.is_dir():
         raise InputError(f"image path is a directory, expected an image file: {path}")
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """:func:`load_image` of an encoded image held in memory (e.g. a member of a tar shard);
+    ``name`` stands for it in error messages."""
+    if not data:
+        raise InputError(f"image {name} is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(file: Path | io.BytesIO, name: str) -> np.ndarray:
     try:
-        with Image.open(path) as opened:
+        with Image.open(file) as opened:
             opened.load()  # force a full decode: truncated or corrupt data fails here
             image = ImageOps.exif_transpose(opened)
             if image.width == 0 or image.height == 0:
-                raise InputError(f"image {path} is empty ({image.width}x{image.height} pixels)")
+                raise InputError(f"image {name} is empty ({image.width}x{image.height} pixels)")
             try:
                 array = _to_rgb(image)
             except ValueError as error:
                 raise InputError(
-                    f"cannot convert image {path} (mode {image.mode}) to RGB: {_short(error)}"
+                    f"cannot convert image {name} (mode {image.mode}) to RGB: {_short(error)}"
                 ) from error
     except InputError:
         raise
     except PermissionError as error:
-        raise InputError(f"cannot read image {path}: permission denied") from error
+        raise InputError(f"cannot read image {name}: permission denied") from error
     except UnidentifiedImageError as error:
-        raise InputError(f"not a recognised image file: {path}") from error
+        raise InputError(f"not a recognised image file: {name}") from error
     except Image.DecompressionBombError as error:
-        raise InputError(f"image {path} is too large to decode safely: {_short(error)}") from error
+        raise InputError(f"image {name} is too large to decode safely: {_short(error)}") from error
     except _DECODE_ERRORS as error:
-        raise InputError(f"corrupt or truncated image {path}: {_short(error)}") from error
+        raise InputError(f"corrupt or truncated image {name}: {_short(error)}") from error
     # a writable copy: PIL-backed arrays are read-only, which torch.from_numpy warns about
     return np.array(array, dtype=np.uint8, order="C", copy=True)
 

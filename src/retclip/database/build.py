@@ -2,7 +2,8 @@
 image → mask pooling → labelled rows with provenance.
 
 Two sources feed the same loop, through the :class:`MaskProposer` interface:
-- images with image-level labels (a labels file): a class-prompted proposer (Grounding DINO →
+- images with image-level labels (a labels file here; captions, Open Images and image–text
+  shards in ``captions.py`` and ``sources.py``): a class-prompted proposer (Grounding DINO →
   SAM) is prompted with each image's own labels and its class hints label the rows;
 - a COCO-panoptic dataset with its ground-truth masks (the upper-bound database).
 
@@ -20,6 +21,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -34,12 +36,37 @@ from retclip.proposers.base import MaskProposer
 from retclip.vocabulary import VocabClass, Vocabulary
 
 
+class ImageReader(Protocol):
+    """Where the pixels of an item that is not an image file come from (a tar shard's member,
+    :class:`retclip.datasets.image_text_shards.ShardImage`); picklable, for worker processes."""
+
+    def load(self) -> np.ndarray:
+        """``[H, W, 3]`` uint8 RGB; raises :class:`InputError` naming the image."""
+        ...
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildItem:
-    """One image to add: its path and the class names to prompt the proposer with."""
+    """One image to add: its stable id, the class names to prompt the proposer with, and how
+    to read it.
+
+    ``source`` names the image in the database's provenance and in resumption (the sources a
+    build completed are skipped when it runs again): the image file's path, or for an image
+    that is not a file of its own an id such as ``shards/00003.tar#KEY`` with ``image`` saying
+    how to read it.
+    """
 
     source: str
     labels: tuple[str, ...]
+    image: ImageReader | None = None
+
+    def load(self) -> np.ndarray:
+        """The image as ``[H, W, 3]`` uint8 RGB: ``image``'s, else the file at ``source``."""
+        return load_image(self.source) if self.image is None else self.image.load()
+
+    def missing(self) -> bool:
+        """Whether the image file at ``source`` is missing (never for an ``image`` reader)."""
+        return self.image is None and not Path(self.source).is_file()
 
 
 @dataclasses.dataclass
@@ -270,7 +297,7 @@ def build_database(
     bar = tqdm(total=len(todo), unit="img", desc="db build", disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as decoder:
         for committed, batch in enumerate(_batches(todo, batch_size), start=1):
-            images = decoder.map(load_image, [item.source for item in batch])
+            images = decoder.map(BuildItem.load, batch)
             parts = [
                 image_rows(backbone, proposer, item, image, pooling=pooling)
                 for item, image in zip(batch, images, strict=True)

@@ -30,12 +30,39 @@ def _build_items(options: dict[str, Any]) -> tuple[list[Any], str, Any]:
     from retclip.database.build import items_from_labels_file
 
     images_dir = options.pop("images_dir")
-    sources = {k: options.pop(k) for k in ("coco_panoptic", "labels", "captions")}
-    vocab = options.pop("vocab")
+    names = ("coco_panoptic", "labels", "captions", "open_images", "shards", "dataset")
+    sources: dict[str, Any] = {k: options.pop(k) or None for k in names}  # --shards: () if none
+    vocab, classes_from = options.pop("vocab"), options.pop("classes_from")
+    oi_split = options.pop("open_images_split")
+    oi_annotations = options.pop("open_images_annotations")
+    root, split = options.pop("root"), options.pop("split")
+    limit = options.get("limit")  # applied by _run_build; streamed sources stop reading there
     given = [k for k, v in sources.items() if v is not None]
     if len(given) != 1:
-        raise InputError("give exactly one source: --coco-panoptic, --labels or --captions")
-    if images_dir is None:
+        raise InputError(
+            "give exactly one source: --coco-panoptic, --labels, --captions, --open-images, "
+            "--shards or --dataset"
+        )
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be >= 1, got {limit}")
+    if classes_from is not None and sources["open_images"] is None:
+        raise InputError("--classes-from restricts the labels of --open-images only")
+    if root is not None and sources["dataset"] is None:
+        raise InputError("--root is the folder of a --dataset")
+    if images_dir is not None and (sources["shards"] or sources["dataset"]):
+        raise InputError(f"--images is not used with --{given[0]}: its images are in its files")
+    if sources["dataset"] is not None:  # ADE20k / COCO in eval's layouts, by name
+        from retclip.database.build import items_from_dataset
+        from retclip.evaluation.datasets import DatasetSpec, panoptic_dataset
+
+        dataset = panoptic_dataset(DatasetSpec(sources["dataset"], str(root or ""), split))
+        origin = f"{sources['dataset']}:{Path(root).resolve()}:{split}"
+        if options["proposer"] in (None, "gt"):
+            options["proposer"] = "gt"
+            options["gt_json"], options["gt_masks"] = dataset.json_path, dataset.masks_dir
+            return items_from_dataset(dataset), origin, None
+        return items_from_dataset(dataset, image_labels=True), f"{origin}:tags", None
+    if images_dir is None and sources["shards"] is None and sources["open_images"] is None:
         raise InputError("give the images folder with --images")
     if sources["coco_panoptic"] is not None:
         from retclip.database.build import items_from_dataset
@@ -57,9 +84,29 @@ def _build_items(options: dict[str, Any]) -> tuple[list[Any], str, Any]:
     from retclip.database.captions import items_from_captions, label_synonyms
     from retclip.vocabulary import Vocabulary
 
+    if sources["open_images"] is not None:
+        from retclip.database.sources import items_from_open_images
+        from retclip.datasets.open_images import OpenImages
+
+        oi = OpenImages(sources["open_images"], oi_split, oi_annotations, images_dir)
+        restrict = Vocabulary.load(classes_from) if classes_from is not None else None
+        items, absent = items_from_open_images(oi, vocabulary=restrict, limit=limit)
+        if absent:
+            click.echo(f"{absent} labelled images are not in {oi.images_dir}: left out", err=True)
+        origin = f"open-images:{oi.annotations_csv.resolve()}:{oi.images_dir.resolve()}"
+        if restrict is None:
+            return items, origin, None
+        return items, f"{origin}:{restrict.key()}", label_synonyms(restrict)
+    what = "--captions" if sources["captions"] is not None else "--shards"
     if vocab is None:
-        raise InputError("--captions needs --vocab: the classes to look for in the captions")
+        raise InputError(f"{what} needs --vocab: the classes to look for in the captions")
     vocabulary = Vocabulary.load(vocab)
+    if sources["shards"] is not None:
+        from retclip.database.sources import items_from_shards
+
+        items = items_from_shards(sources["shards"], vocabulary, limit=limit)
+        patterns = ",".join(str(Path(p).resolve()) for p in sources["shards"])
+        return items, f"shards:{patterns}:{vocabulary.key()}", label_synonyms(vocabulary)
     items = items_from_captions(sources["captions"], images_dir, vocabulary)
     origin = f"captions:{sources['captions'].resolve()}:{vocabulary.key()}"
     return items, origin, label_synonyms(vocabulary)
@@ -82,9 +129,52 @@ build_options = [
         type=click.Path(path_type=Path),
         help="JSONL/CSV of image captions; labels = --vocab classes they mention.",
     ),
-    click.option("--vocab", help="Vocabulary searched in --captions (built-in name or file)."),
+    click.option(
+        "--open-images",
+        type=click.Path(path_type=Path),
+        help="An Open Images download (docs/sources.md): each image's labels; its images in "
+        "ROOT/<split>/ or --images.",
+    ),
+    click.option(
+        "--open-images-split",
+        type=click.Choice(["train", "validation"]),
+        default="train",
+        show_default=True,
+        help="Split of --open-images.",
+    ),
+    click.option(
+        "--open-images-annotations",
+        default="labels",
+        show_default=True,
+        help="labels (human-verified image-level labels), boxes (the labels of the boxes), or "
+        "the CSV file to read.",
+    ),
+    click.option(
+        "--classes-from",
+        help="Keep only --open-images labels naming a class of this vocabulary (file or "
+        "built-in name; case-insensitive).",
+    ),
+    click.option(
+        "--shards",
+        multiple=True,
+        help="Image-text tar shards (webdataset, img2dataset), e.g. 'data/{00000..00127}.tar'; "
+        "labels = --vocab classes their captions mention. Repeatable.",
+    ),
+    click.option(
+        "--dataset",
+        type=click.Choice(["ade20k", "coco"]),
+        help="ADE20k / COCO panoptic in eval's layout under --root: ground-truth masks, or "
+        "with --proposer its image-level tags.",
+    ),
+    click.option(
+        "--root",
+        type=click.Path(path_type=Path),
+        help="Folder of --dataset: ADEChallengeData2016, or COCO's (holding annotations/).",
+    ),
+    click.option("--split", default="train", show_default=True, help="Split of --dataset."),
+    click.option("--vocab", help="Classes searched in --captions / --shards (built-in or file)."),
     click.option("--images", "images_dir", type=click.Path(path_type=Path), help="Images folder."),
-    click.option("--proposer", help="Class-prompted proposer for --labels / --captions."),
+    click.option("--proposer", help="Class-prompted proposer (with --dataset: for its tags)."),
     *model_options(),
     click.option("--batch-size", default=8, show_default=True, help="Images per commit."),
     click.option("--limit", type=int, help="Use only the first N images."),
@@ -104,7 +194,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
         items = items[:limit]
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    missing = [item.source for item in items if not Path(item.source).is_file()]
+    missing = [item.source for item in items if item.missing()]
     if missing:  # before any model loads or anything is created
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise InputError(f"image not found: {missing[0]}{more}")

@@ -85,6 +85,32 @@ def _coco_layout(spec: DatasetSpec) -> tuple[Path, Path, Path, Path | None, Path
     )
 
 
+def panoptic_dataset(spec: DatasetSpec) -> CocoPanopticDataset:
+    """The images, panoptic PNGs and categories of the dataset ``spec`` names, in the layouts
+    ``eval`` reads (a database built from a training split: ``db build --dataset``)."""
+    return _layout(spec)[0]
+
+
+def _layout(spec: DatasetSpec) -> tuple[CocoPanopticDataset, Path | None, Path | None]:
+    """The panoptic dataset of ``spec``, and its layout's semantic folder and instance JSON."""
+    if spec.kind not in DATASET_KINDS:
+        raise InputError(f"dataset kind must be one of {', '.join(DATASET_KINDS)}")
+    if spec.kind == "ade20k":
+        if not spec.root:
+            raise InputError("--dataset ade20k needs --root ADEChallengeData2016")
+        ade = Ade20kPanoptic(spec.root, spec.split)
+        return ade, ade.semantic_dir, ade.instances_json
+    if spec.kind == "coco":
+        if not spec.root:
+            raise InputError("--dataset coco needs --root (the folder holding annotations/)")
+        pan_json, images, png_dir, semantic_dir, instances_json = _coco_layout(spec)
+        return CocoPanopticDataset(pan_json, images, png_dir), semantic_dir, instances_json
+    if not spec.panoptic_json or not spec.images:
+        raise InputError("a COCO-panoptic dataset needs --panoptic-json and --images")
+    dataset = CocoPanopticDataset(spec.panoptic_json, spec.images, spec.panoptic_dir or None)
+    return dataset, None, None
+
+
 class EvalDataset:
     """A panoptic dataset with everything the metrics need, per image.
 
@@ -96,28 +122,8 @@ class EvalDataset:
     """
 
     def __init__(self, spec: DatasetSpec) -> None:
-        if spec.kind not in DATASET_KINDS:
-            raise InputError(f"dataset kind must be one of {', '.join(DATASET_KINDS)}")
         self.spec = spec
-        semantic_dir: Path | None = None
-        instances_json: Path | None = None
-        if spec.kind == "ade20k":
-            if not spec.root:
-                raise InputError("--dataset ade20k needs --root ADEChallengeData2016")
-            ade = Ade20kPanoptic(spec.root, spec.split)
-            self.panoptic: CocoPanopticDataset = ade
-            semantic_dir, instances_json = ade.semantic_dir, ade.instances_json
-        elif spec.kind == "coco":
-            if not spec.root:
-                raise InputError("--dataset coco needs --root (the folder holding annotations/)")
-            pan_json, images, png_dir, semantic_dir, instances_json = _coco_layout(spec)
-            self.panoptic = CocoPanopticDataset(pan_json, images, png_dir)
-        else:
-            if not spec.panoptic_json or not spec.images:
-                raise InputError("a COCO-panoptic dataset needs --panoptic-json and --images")
-            self.panoptic = CocoPanopticDataset(
-                spec.panoptic_json, spec.images, spec.panoptic_dir or None
-            )
+        self.panoptic, semantic_dir, instances_json = _layout(spec)
         if spec.semantic_dir:
             semantic_dir = Path(spec.semantic_dir)
         if spec.instances_json:

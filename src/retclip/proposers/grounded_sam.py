@@ -6,12 +6,17 @@ text encoder reads at most ``max_text_len`` (256) tokens and its phrase masks ar
 several); all prompts of an image run as one batch. A box is kept when its best token
 probability exceeds the box threshold; it is assigned the class whose tokens score highest, if
 that score exceeds the text threshold.
+
+The image-only part of the model (the Swin backbone with its position embeddings and the input
+projections to ``d_model``) runs **once per image** whatever the number of prompts: see
+:func:`image_pass_once`. Only the text backbone, the fusion encoder and the decoder run per prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,6 +131,49 @@ def assign_classes(
     return keep, scores[keep], members[local[keep]]
 
 
+def _expand_rows(value: Any, batch: int) -> Any:
+    """``value`` (a tensor, or lists/tuples of them) with each ``[1, ...]`` tensor expanded to
+    ``[batch, ...]`` (a view: no copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.expand(batch, *value.shape[1:])
+    if isinstance(value, (list, tuple)):
+        return type(value)(_expand_rows(item, batch) for item in value)
+    return value
+
+
+@contextlib.contextmanager
+def image_pass_once(model: Any, batch: int) -> Iterator[None]:
+    """Within the block, ``model`` (a ``GroundingDinoModel``, called on ``batch`` rows that are
+    all the **same image** with different prompts) runs its image-only modules on one row.
+
+    In ``GroundingDinoModel.forward`` nothing before the fusion encoder mixes image and text: the
+    backbone (``model.backbone``: Swin + position embeddings, ``(pixel_values [B, 3, H, W],
+    pixel_mask [B, H, W])`` → per-level ``(features [B, C_l, h_l, w_l], masks [B, h_l, w_l])`` and
+    position embeddings) and the input projections (``model.input_proj_vision[l]``: conv +
+    GroupNorm to ``[B, d_model, h_l, w_l]``) are per-row functions of the pixels. Forward hooks
+    slice each one's tensor inputs to the first row and expand its outputs back to ``batch`` rows
+    as stride-0 views, so the forward itself runs unchanged (transformers' own code, same call
+    order) with one backbone pass instead of ``batch``.
+    """
+
+    def first_row(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in args)
+
+    def expand(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        return _expand_rows(output, batch)
+
+    handles = []
+    if batch > 1:
+        for module in (model.backbone, *model.input_proj_vision):
+            handles.append(module.register_forward_pre_hook(first_row))
+            handles.append(module.register_forward_hook(expand))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class GroundingDinoDetector(Detector):
     """Grounding DINO prompted with class names (see the module docstring).
 
@@ -136,6 +184,9 @@ class GroundingDinoDetector(Detector):
         text_threshold: minimum probability of the assigned class's tokens (0.25).
         shortest_edge, longest_edge: input resize (800 / 1333, Grounded-SAM's).
         device, dtype: see :class:`~retclip.proposers.sam.SamSegmenter`.
+        share_image_pass: run the image backbone once for all prompts (:func:`image_pass_once`);
+            ``False`` runs transformers' forward on the image repeated per prompt (the reference
+            the shared pass is tested and benchmarked against).
     """
 
     def __init__(
@@ -148,6 +199,7 @@ class GroundingDinoDetector(Detector):
         longest_edge: int = 1333,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        share_image_pass: bool = True,
     ) -> None:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
@@ -160,6 +212,7 @@ class GroundingDinoDetector(Detector):
         self.box_threshold = box_threshold
         self.text_threshold = text_threshold
         self.size = {"shortest_edge": shortest_edge, "longest_edge": longest_edge}
+        self.share_image_pass = share_image_pass
         self._chunks: tuple[tuple[str, ...], list[PromptChunk]] | None = None
 
     def prompts(self, classes: Sequence[str]) -> list[PromptChunk]:
@@ -180,15 +233,17 @@ class GroundingDinoDetector(Detector):
         for row, chunk in enumerate(chunks):
             ids[row, : len(chunk.input_ids)] = torch.tensor(chunk.input_ids)
         batch = len(chunks)
-        outputs = self.model(
-            pixel_values=pixels["pixel_values"]
-            .to(self.device, self.dtype)
-            .expand(batch, -1, -1, -1),
-            pixel_mask=pixels["pixel_mask"].to(self.device).expand(batch, -1, -1),
-            input_ids=ids.to(self.device),
-            attention_mask=(ids > 0).long().to(self.device),
-            token_type_ids=torch.zeros_like(ids).to(self.device),
-        )
+        shared = image_pass_once(self.model.model, batch) if self.share_image_pass else None
+        with shared or contextlib.nullcontext():
+            outputs = self.model(
+                pixel_values=pixels["pixel_values"]
+                .to(self.device, self.dtype)
+                .expand(batch, -1, -1, -1),
+                pixel_mask=pixels["pixel_mask"].to(self.device).expand(batch, -1, -1),
+                input_ids=ids.to(self.device),
+                attention_mask=(ids > 0).long().to(self.device),
+                token_type_ids=torch.zeros_like(ids).to(self.device),
+            )
         probs = outputs.logits.float().sigmoid()  # [B, Q, max_text_len]
         height, width = image.shape[:2]
         scale = torch.tensor([width, height, width, height], device=self.device)

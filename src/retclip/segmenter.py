@@ -171,6 +171,14 @@ class SegmentationResult:
     def label_of(self, segment: Segment) -> str:
         return self.vocabulary.names[segment.category]
 
+    def to_detections(self) -> Any:
+        """The panoptic segments as a ``supervision.Detections`` (masks, xyxy boxes, class ids,
+        confidences, class names in ``data["class_name"]``), for supervision's annotators,
+        trackers and exporters; needs ``retclip[supervision]``."""
+        from retclip.outputs.supervision import detections_of
+
+        return detections_of(self.prediction, self.vocabulary.names, self.vocabulary.ids)
+
     def class_probs(self) -> torch.Tensor:
         """``[N, C]`` (or ``[N, C + 1]``, void last) probabilities the merge ranked."""
         return self.scores.combine(self.settings).float().cpu()

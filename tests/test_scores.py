@@ -230,3 +230,35 @@ def test_a_huge_k_is_clamped_to_the_rows(tmp_path) -> None:
     db.add(np.eye(12, dtype=np.float32)[:3], ["a", "b", "c"], sources=["x", "y", "z"])
     found, rows = db.search(np.eye(12, dtype=np.float32)[:2], 10**18)  # allocates 2 × 3
     assert found.shape == rows.shape == (2, 3)
+
+
+def test_neighbours_are_the_rows_behind_s_ret(tmp_path) -> None:
+    """The evidence a user inspects is exactly what s_ret ranked: the k nearest rows over both
+    databases, with their labels, sources, databases and cosines (computed here by hand)."""
+    from retclip.backbones import ColorBackbone
+    from retclip.database import FeatureDatabase
+    from retclip.scores import Retriever
+    from retclip.text_embeddings import embed_vocabulary
+    from retclip.vocabulary import Vocabulary
+
+    backbone = ColorBackbone()
+    rows = np.eye(12, dtype=np.float32)[[0, 1, 5]]
+    primary = FeatureDatabase.create(tmp_path / "p", fingerprint=backbone.fingerprint, dim=12)
+    primary.add(rows[:2], ["apple", "carrot"], sources=["a.png", "c.png"])
+    fallback = FeatureDatabase.create(tmp_path / "f", fingerprint=backbone.fingerprint, dim=12)
+    fallback.add(rows[2:], ["sea"], sources=["s.png"])
+    vocab = Vocabulary.from_string("apple, carrot, sea")
+    query = torch.tensor([[1.0, 0.5, 0, 0, 0, 0.8, 0, 0, 0, 0, 0, 0]])
+    query = torch.nn.functional.normalize(query, dim=-1)
+    retriever = Retriever(backbone, primary, fallback, k=2)
+    text = embed_vocabulary(backbone, vocab)
+    s_ret, neighbours = retriever.retrieve(query, vocab, text)
+    torch.testing.assert_close(s_ret, retriever.scores(query, vocab, text))
+    cosines = (query.numpy() @ rows.T)[0]  # apple .7274, carrot .3637, sea .5819
+    records = neighbours.of(0)
+    assert [r["label"] for r in records] == ["apple", "sea"]  # k = 2: carrot is third
+    assert [r["source"] for r in records] == ["a.png", "s.png"]
+    assert [r["database"] for r in records] == [0, 1]
+    np.testing.assert_allclose([r["similarity"] for r in records], cosines[[0, 2]], atol=1e-5)
+    # the top neighbour's label is the class s_ret ranks first
+    assert vocab.names[int(s_ret[0].argmax())] == records[0]["label"]

@@ -47,7 +47,7 @@ from retclip.pooling import PoolingMode
 from retclip.proposers.base import MaskProposer, Proposals
 from retclip.scores.clip import clip_scores
 from retclip.scores.ensemble import ensemble, final_probs
-from retclip.scores.retrieval import Retriever
+from retclip.scores.retrieval import Neighbours, Retriever
 from retclip.settings import DEFAULT_K, Settings
 from retclip.text_embeddings import ClassEmbeddings, embed_vocabulary
 from retclip.vocabulary import Vocabulary
@@ -153,6 +153,8 @@ class SegmentationResult:
     settings: Settings
     prediction: PanopticPrediction
     source: str | None = None
+    #: the database rows behind ``scores.s_ret`` per mask (``None`` without a database)
+    neighbours: Neighbours | None = None
 
     @property
     def panoptic(self) -> np.ndarray:
@@ -465,9 +467,11 @@ class Segmenter:
         # pruned classes leave the vocabulary before scoring (paper §2.2): the softmax of s_clip
         # runs over the kept classes and retrieval searches only their rows
         s_clip = clip_scores(features, item.text, self.backbone.logit_scale, kept=kept)
-        s_ret = None
+        s_ret = neighbours = None
         if self.retriever is not None:
-            s_ret = self.retriever.scores(features, vocab, item.text, kept=kept.numpy())
+            s_ret, neighbours = self.retriever.retrieve(
+                features, vocab, item.text, kept=kept.numpy()
+            )
         seen = None
         if self.train_vocab is not None:
             seen = torch.from_numpy(vocab.seen_mask(self.train_vocab))
@@ -492,6 +496,7 @@ class Segmenter:
             settings=self.settings,
             prediction=merge(scores, proposals, vocab, self.settings),
             source=item.source,
+            neighbours=neighbours,
         )
 
     def __call__(

@@ -4,6 +4,7 @@ from retclip.scores.clip import clip_scores
 from retclip.scores.ensemble import CombineMode, ensemble, final_probs
 from retclip.scores.retrieval import (
     LabelMatch,
+    Neighbours,
     Retriever,
     label_votes,
     match_labels,
@@ -14,6 +15,7 @@ from retclip.scores.retrieval import (
 __all__ = [
     "CombineMode",
     "LabelMatch",
+    "Neighbours",
     "Retriever",
     "clip_scores",
     "ensemble",

@@ -149,6 +149,38 @@ def scores_from_votes(similarities: torch.Tensor, votes: torch.Tensor) -> torch.
     return per_class.amax(dim=1) if per_class.shape[1] else per_class.sum(dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Neighbours:
+    """The database rows behind ``s_ret``: each mask's ``k`` nearest rows, ranked together over
+    the databases searched (the evidence a user can inspect).
+
+    Attributes:
+        similarities: ``[N, k]`` float32 cosines, descending; ``-inf`` pads.
+        labels: ``[N, k]`` the rows' label names (``""`` pads).
+        sources: ``[N, k]`` the images the rows were pooled from (``""`` pads).
+        database: ``[N, k]`` int, 0 for the primary database, 1 for the fallback, -1 pads.
+    """
+
+    similarities: np.ndarray
+    labels: np.ndarray
+    sources: np.ndarray
+    database: np.ndarray
+
+    def of(self, mask: int) -> list[dict[str, object]]:
+        """Mask ``mask``'s neighbours as records (``label``, ``similarity``, ``source``,
+        ``database``), pads left out."""
+        return [
+            {
+                "label": str(self.labels[mask, j]),
+                "similarity": float(self.similarities[mask, j]),
+                "source": str(self.sources[mask, j]),
+                "database": int(self.database[mask, j]),
+            }
+            for j in range(self.similarities.shape[1])
+            if self.database[mask, j] >= 0
+        ]
+
+
 class Retriever:
     """``s_ret`` from a primary database and an optional fallback for the classes it lacks.
 
@@ -217,7 +249,19 @@ class Retriever:
         *,
         kept: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """``s_ret [N, C]`` for ``[N, D]`` L2-normalised segment features.
+        """``s_ret [N, C]`` for ``[N, D]`` L2-normalised segment features (:meth:`retrieve`)."""
+        return self.retrieve(features, vocab, class_embeddings, kept=kept)[0]
+
+    def retrieve(
+        self,
+        features: torch.Tensor,
+        vocab: Vocabulary,
+        class_embeddings: ClassEmbeddings,
+        *,
+        kept: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, Neighbours]:
+        """``s_ret [N, C]`` for ``[N, D]`` L2-normalised segment features, and the
+        :class:`Neighbours` it was computed from.
 
         Each database is searched (restricted to the rows of the classes it serves: the primary
         serves every class it has a label for, the fallback the classes left), and the ``k``
@@ -235,6 +279,7 @@ class Retriever:
         queries = features.detach().float().cpu().numpy()
         all_similarities: list[torch.Tensor] = []
         all_votes: list[torch.Tensor] = []
+        evidence: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # labels, sources, db
         for db_index, db in enumerate(self.databases):
             matrix = self.match(db_index, vocab, class_embeddings).matrix & remaining
             match = LabelMatch(matrix)
@@ -242,17 +287,41 @@ class Retriever:
             if n == 0 or not matrix.any():
                 continue
             found, rows = db.search(queries, self.k, allowed_labels=match.allowed_labels)
-            labels = np.where(rows >= 0, db.label_ids()[np.clip(rows, 0, None)], -1)
+            safe = np.clip(rows, 0, None)
+            labels = np.where(rows >= 0, db.label_ids()[safe], -1)
             all_similarities.append(torch.from_numpy(found))
             all_votes.append(
                 label_votes(torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(matrix))
             )
+            names = np.array([label.name for label in db.labels] + [""], dtype=object)
+            sources = np.asarray(db.provenance()["sources"], dtype=object)[safe]
+            evidence.append(
+                (
+                    names[labels],  # -1 → the "" pad
+                    np.where(rows >= 0, sources, ""),
+                    np.where(rows >= 0, db_index, -1),
+                )
+            )
         if not all_similarities:
-            return torch.zeros((n, c), device=features.device)
+            empty = np.zeros((n, 0))
+            none = Neighbours(empty.astype(np.float32), empty.astype(object),
+                              empty.astype(object), empty.astype(int))  # fmt: skip
+            return torch.zeros((n, c), device=features.device), none
         similarities = torch.cat(all_similarities, dim=1)  # [N, k * databases]
         votes = torch.cat(all_votes, dim=1)  # [N, k * databases, C]
         top = similarities.topk(min(self.k, similarities.shape[1]), dim=1).indices
         s_ret = scores_from_votes(
             similarities.gather(1, top), votes.gather(1, top.unsqueeze(-1).expand(-1, -1, c))
         )
-        return s_ret.to(features.device)
+        order = top.numpy()
+
+        def ranked(parts: list[np.ndarray]) -> np.ndarray:
+            return np.take_along_axis(np.concatenate(parts, axis=1), order, axis=1)
+
+        neighbours = Neighbours(
+            similarities=similarities.gather(1, top).numpy().astype(np.float32),
+            labels=ranked([e[0] for e in evidence]),
+            sources=ranked([e[1] for e in evidence]),
+            database=ranked([e[2] for e in evidence]).astype(int),
+        )
+        return s_ret.to(features.device), neighbours

@@ -31,12 +31,24 @@ def test_registered_names_ids_and_kinds() -> None:
         "grounding-dino-base": "IDEA-Research/grounding-dino-base",
         "grounding-dino-tiny": "IDEA-Research/grounding-dino-tiny",
         "sam-vit-base": "facebook/sam-vit-base",
+        "sam2.1-hiera-tiny": "facebook/sam2.1-hiera-tiny",
+        "sam2.1-hiera-small": "facebook/sam2.1-hiera-small",
+        "sam2.1-hiera-base-plus": "facebook/sam2.1-hiera-base-plus",
+        "sam2.1-hiera-large": "facebook/sam2.1-hiera-large",
+        "edgetam": "yonigozlan/EdgeTAM-hf",
         "owlv2": "google/owlv2-base-patch16-ensemble",
     }
     backbones = {info.name for info in list_models("backbone")}
     assert backbones == {"clip-b16", "clip-l14", "convnext-l", "rn50x64"}
     assert backbones < set(BACKBONES)
-    assert {i.name for i in list_models("segmenter")} == {"sam-vit-base"}
+    assert {i.name for i in list_models("segmenter")} == {
+        "sam-vit-base",
+        "sam2.1-hiera-tiny",
+        "sam2.1-hiera-small",
+        "sam2.1-hiera-base-plus",
+        "sam2.1-hiera-large",
+        "edgetam",
+    }
     for info in list_models():
         assert info.licence and info.params_m > 0 and info.description
         assert (info.dim > 0) == (info.kind == "backbone")

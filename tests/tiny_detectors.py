@@ -1,4 +1,5 @@
-"""Tiny randomly initialised Grounding DINO, SAM and OWLv2 models, saved like hub checkpoints.
+"""Tiny randomly initialised Grounding DINO, SAM, SAM 2.1, EdgeTAM and OWLv2 models, saved like
+hub checkpoints.
 
 Each builder makes a model of the real architecture with a few small layers (fixed seed), its
 processor with an offline tokenizer (BertTokenizer from a small vocabulary whose special ids match
@@ -17,6 +18,9 @@ from transformers import (
     BertConfig,
     BertTokenizer,
     CLIPTokenizer,
+    EdgeTamConfig,
+    EdgeTamModel,
+    EdgeTamVisionConfig,
     GroundingDinoConfig,
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessor,
@@ -25,6 +29,12 @@ from transformers import (
     Owlv2ForObjectDetection,
     Owlv2ImageProcessor,
     Owlv2Processor,
+    Sam2Config,
+    Sam2HieraDetConfig,
+    Sam2ImageProcessor,
+    Sam2Model,
+    Sam2Processor,
+    Sam2VisionConfig,
     SamConfig,
     SamImageProcessor,
     SamMaskDecoderConfig,
@@ -33,6 +43,7 @@ from transformers import (
     SamPromptEncoderConfig,
     SamVisionConfig,
     SwinConfig,
+    TimmWrapperConfig,
 )
 
 #: Whole words in the tiny BERT vocabulary; any other word is split into letters.
@@ -139,6 +150,82 @@ def save_sam(directory: Path, *, seed: int = 0) -> Path:
     )
     SamProcessor(image_processor=image_processor).save_pretrained(directory)
     model.save_pretrained(directory)
+    return directory
+
+
+#: SAM 2 / EdgeTAM feature maps of a ``SAM_SIZE`` input: strides 4, 8, 16 (the last one is the
+#: image embedding the prompt encoder's ``patch_size`` 16 matches).
+_SAM2_FEATURE_SIZES = [[SAM_SIZE // 4] * 2, [SAM_SIZE // 8] * 2, [SAM_SIZE // 16] * 2]
+
+
+def _sam2_heads() -> dict[str, dict[str, int]]:
+    """Tiny SAM 2 prompt encoder and mask decoder settings, shared by SAM 2.1 and EdgeTAM."""
+    return {
+        "prompt_encoder_config": dict(
+            hidden_size=32, image_size=SAM_SIZE, patch_size=16, mask_input_channels=4
+        ),
+        "mask_decoder_config": dict(
+            hidden_size=32, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2,
+            iou_head_hidden_dim=16,
+        ),
+    }  # fmt: skip
+
+
+def _save_sam2_processor(directory: Path) -> None:
+    image_processor = Sam2ImageProcessor(
+        size={"height": SAM_SIZE, "width": SAM_SIZE},
+        mask_size={"height": SAM_SIZE // 4, "width": SAM_SIZE // 4},
+    )
+    Sam2Processor(image_processor=image_processor).save_pretrained(directory)
+
+
+def save_sam2(directory: Path, *, seed: int = 0) -> Path:
+    """A tiny SAM 2.1 (Hiera with 5 blocks over 4 stages, 64 px → 4×4 embedding) + processor."""
+    torch.manual_seed(seed)
+    hiera = Sam2HieraDetConfig(
+        hidden_size=8,
+        image_size=[SAM_SIZE, SAM_SIZE],
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[8, 16, 32, 64],
+        num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[2, 2, 2, 2],
+        global_attention_blocks=[3],  # not a stage's first (query-pooling) block
+        window_positional_embedding_background_size=[2, 2],
+    )
+    vision = Sam2VisionConfig(
+        backbone_config=hiera,
+        backbone_channel_list=[64, 32, 16, 8],
+        backbone_feature_sizes=_SAM2_FEATURE_SIZES,
+        fpn_hidden_size=32,
+    )
+    Sam2Model(Sam2Config(vision_config=vision, **_sam2_heads())).eval().save_pretrained(directory)
+    _save_sam2_processor(directory)
+    return directory
+
+
+def save_edgetam(directory: Path, *, seed: int = 0) -> Path:
+    """A tiny EdgeTAM (timm RepViT with one block per stage, 8-32 channels) + processor."""
+    torch.manual_seed(seed)
+    repvit = TimmWrapperConfig(
+        architecture="repvit_m1",
+        do_pooling=False,
+        model_args={
+            "in_chans": 3,
+            "features_only": True,
+            "out_indices": [0, 1, 2, 3],
+            "embed_dim": [8, 16, 24, 32],
+            "depth": [1, 1, 1, 1],
+        },
+    )
+    vision = EdgeTamVisionConfig(
+        backbone_config=repvit,
+        backbone_channel_list=[32, 24, 16, 8],
+        backbone_feature_sizes=_SAM2_FEATURE_SIZES,
+        fpn_hidden_size=32,
+    )
+    config = EdgeTamConfig(vision_config=vision, **_sam2_heads())
+    EdgeTamModel(config).eval().save_pretrained(directory)
+    _save_sam2_processor(directory)
     return directory
 
 

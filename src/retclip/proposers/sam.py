@@ -1,7 +1,8 @@
 """The SAM stage shared by the detector → SAM proposers and the SAM point grid.
 
-:class:`SamSegmenter` wraps a transformers ``SamModel``: :meth:`SamSegmenter.embed` runs the ViT
-image encoder **once** per image; :meth:`SamSegmenter.segment_boxes` and
+:class:`SamSegmenter` wraps a transformers ``SamModel``, ``Sam2Model`` (SAM 2.1) or
+``EdgeTamModel`` (the fast tier): :meth:`SamSegmenter.embed` runs the image encoder **once** per
+image; :meth:`SamSegmenter.segment_boxes` and
 :meth:`SamSegmenter.segment_points` then decode many prompts in one batched call of the prompt
 encoder and mask decoder with that single embedding (the decoder broadcasts it over the prompts;
 nothing re-encodes the image and no Python loop runs per prompt). Coordinates in and out are
@@ -69,6 +70,33 @@ def load_hf(loader_cls: Any, name: str, **kwargs: object) -> Any:
     return hf_load(loader_cls.from_pretrained, resolve_model(name).source, **kwargs)
 
 
+#: Promptable mask models by config ``model_type``: the transformers model and processor classes.
+#: SAM 2.1 and EdgeTAM share SAM 2's prompt encoder, mask decoder and processor.
+SAM_FAMILIES: dict[str, tuple[str, str]] = {
+    "sam": ("SamModel", "SamProcessor"),
+    "sam2": ("Sam2Model", "Sam2Processor"),
+    "edgetam": ("EdgeTamModel", "Sam2Processor"),
+}
+
+
+def sam_model_type(name: str) -> str:
+    """The ``model_type`` of a SAM-family model (``sam``, ``sam2``, ``edgetam``) from its config.
+
+    Raises:
+        InputError: the model is not one of :data:`SAM_FAMILIES`.
+        ModelUnavailableError: its config is not available locally.
+    """
+    from transformers import AutoConfig
+
+    model_type = str(load_hf(AutoConfig, name).model_type)
+    if model_type not in SAM_FAMILIES:
+        raise InputError(
+            f"model {name!r} is a {model_type!r} model, not a promptable mask model "
+            f"({', '.join(SAM_FAMILIES)})"
+        )
+    return model_type
+
+
 @dataclasses.dataclass
 class SamImage:
     """One image encoded by SAM.
@@ -76,20 +104,26 @@ class SamImage:
     Attributes:
         embedding: ``[1, C, h, w]`` image embedding (``h = w = image_size / patch_size``).
         original_size: ``(H, W)`` of the image in pixels.
-        input_size: ``(h', w')`` of the image resized so its longest side is SAM's input size
-            (before padding to a square).
+        input_size: ``(h', w')`` of the image in SAM's input square: SAM resizes its longest side
+            to the square's side (then pads); SAM 2 and EdgeTAM stretch it to the whole square.
+        high_res: SAM 2 / EdgeTAM only: the two finer feature maps ``[1, C_s0, 4h, 4w]`` and
+            ``[1, C_s1, 2h, 2w]`` the mask decoder upsamples with.
     """
 
     embedding: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    high_res: tuple[torch.Tensor, ...] = ()
 
 
 class SamSegmenter:
-    """SAM with the image embedding computed once and prompts decoded in batches.
+    """SAM, SAM 2.1 or EdgeTAM with the image embedding computed once and prompts decoded in
+    batches. The family is read from the model's config (``model_type`` ``sam``, ``sam2``,
+    ``edgetam``); all three take boxes and points and give 3 candidate masks per point.
 
     Args:
-        model: short name (``sam-vit-base``), hub id or local directory.
+        model: short name (``sam-vit-base``, ``sam2.1-hiera-tiny``, ``edgetam``), hub id or local
+            directory.
         device: torch device; CUDA when available by default.
         dtype: ``float32`` (default), or ``float16``/``bfloat16`` on CUDA.
         prompt_batch: prompts decoded per mask-decoder call (bounds memory: the decoder's
@@ -104,28 +138,45 @@ class SamSegmenter:
         dtype: str | torch.dtype | None = None,
         prompt_batch: int = 64,
     ) -> None:
-        from transformers import SamModel, SamProcessor
+        import transformers
 
         if prompt_batch < 1:
             raise InputError(f"prompt batch must be >= 1, got {prompt_batch}")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model_id = model
-        self.processor: Any = load_hf(SamProcessor, model)
-        self.model: Any = load_hf(SamModel, model).to(self.device, self.dtype).eval()
-        self.image_size = int(self.model.config.vision_config.image_size)
+        self.model_type = sam_model_type(model)
+        model_cls, processor_cls = SAM_FAMILIES[self.model_type]
+        self.processor: Any = load_hf(getattr(transformers, processor_cls), model)
+        loaded = load_hf(getattr(transformers, model_cls), model)
+        self.model: Any = loaded.to(self.device, self.dtype).eval()
+        self.image_size = int(self.model.config.prompt_encoder_config.image_size)
         self.prompt_batch = prompt_batch
+
+    @property
+    def stretches(self) -> bool:
+        """SAM 2 / EdgeTAM: the image is resized to the whole input square (no padding)."""
+        return self.model_type != "sam"
 
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> SamImage:
-        """Encode ``image`` ``[H, W, 3]`` uint8 RGB once (resize longest side, normalise, pad)."""
+        """Encode ``image`` ``[H, W, 3]`` uint8 RGB once (SAM: resize the longest side, normalise,
+        pad; SAM 2 / EdgeTAM: resize to the input square, normalise)."""
+        original = (int(image.shape[0]), int(image.shape[1]))
+        if self.stretches:
+            size = {"height": self.image_size, "width": self.image_size}
+            inputs = self.processor(images=image, size=size, return_tensors="pt")
+            pixels = inputs["pixel_values"].to(self.device, self.dtype)
+            *high_res, embedding = self.model.get_image_embeddings(pixels)
+            square = (self.image_size, self.image_size)
+            return SamImage(embedding, original, square, tuple(high_res))
         size = {"longest_edge": self.image_size}
         pad = {"height": self.image_size, "width": self.image_size}
         inputs = self.processor(images=image, size=size, pad_size=pad, return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         embedding = self.model.get_image_embeddings(pixels)
         h, w = (int(v) for v in inputs["reshaped_input_sizes"][0])
-        return SamImage(embedding, (image.shape[0], image.shape[1]), (h, w))
+        return SamImage(embedding, original, (h, w))
 
     def _to_input(self, coords: torch.Tensor, sam_image: SamImage) -> torch.Tensor:
         """Pixel coordinates ``[..., 2k]`` (x, y pairs) → SAM input coordinates."""
@@ -155,6 +206,15 @@ class SamSegmenter:
         if points is not None:
             points = points[None, :, None, :]  # [1, P, 1, 2]
             labels = torch.ones(points.shape[:3], dtype=torch.long, device=self.device)
+        if self.stretches:  # SAM 2's forward on precomputed embeddings: prompts → decoder only
+            out = self.model(
+                image_embeddings=[*sam_image.high_res, sam_image.embedding],
+                input_points=points,
+                input_labels=None if labels is None else labels.int(),
+                input_boxes=None if boxes is None else boxes[None],
+                multimask_output=multimask,
+            )
+            return out.pred_masks[0], out.iou_scores[0]
         sparse, dense = self.model.prompt_encoder(
             input_points=points,
             input_labels=labels,
@@ -170,9 +230,24 @@ class SamSegmenter:
         )
         return masks[0], iou[0]
 
-    def _upscale(self, logits: torch.Tensor, sam_image: SamImage) -> torch.Tensor:
-        """Low-resolution logits ``[P, M, h, w]`` → logits ``[P, M, H, W]`` at image size
-        (upsample to the padded input, crop the padding, resize: SAM's post-processing)."""
+    def valid_low_res(self, logits: torch.Tensor, sam_image: SamImage) -> torch.Tensor:
+        """The part of low-resolution logits ``[..., 4h, 4w]`` that covers the image (SAM's
+        padding cropped; all of it for SAM 2 / EdgeTAM)."""
+        if self.stretches:
+            return logits
+        h, w = sam_image.input_size
+        rows = -(-h * logits.shape[-2] // self.image_size)
+        cols = -(-w * logits.shape[-1] // self.image_size)
+        return logits[..., :rows, :cols]
+
+    def upscale(self, logits: torch.Tensor, sam_image: SamImage) -> torch.Tensor:
+        """Low-resolution logits ``[P, M, h, w]`` → float logits ``[P, M, H, W]`` at image size:
+        the model's own post-processing (SAM: upsample to the padded input, crop the padding,
+        resize; SAM 2 / EdgeTAM: resize)."""
+        if self.stretches:
+            return F.interpolate(
+                logits.float(), sam_image.original_size, mode="bilinear", align_corners=False
+            )
         size = (self.image_size, self.image_size)
         logits = F.interpolate(logits.float(), size, mode="bilinear", align_corners=False)
         h, w = sam_image.input_size
@@ -198,7 +273,7 @@ class SamSegmenter:
             logits, iou = self._decode(
                 sam_image, boxes=boxes[start : start + self.prompt_batch], multimask=False
             )
-            masks.append(self._upscale(logits, sam_image)[:, 0] > 0)
+            masks.append(self.upscale(logits, sam_image)[:, 0] > 0)
             ious.append(iou[:, 0].float())
         height, width = sam_image.original_size
         if not masks:
@@ -208,20 +283,28 @@ class SamSegmenter:
         return torch.cat(masks), torch.cat(ious)
 
     @torch.inference_mode()
-    def segment_points(
+    def point_logits(
         self, sam_image: SamImage, points: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Three candidate masks per point prompt (SAM's multimask output), for one batch.
+        """Three candidate masks per point prompt (multimask output), for one batch, at the
+        decoder's low resolution (:meth:`upscale` takes them to image size).
 
         Args:
             points: ``[P, 2]`` xy pixels of the original image, ``P <= prompt_batch``.
 
         Returns:
-            mask logits ``[P, 3, H, W]`` at image size and predicted IoU ``[P, 3]``.
+            float mask logits ``[P, 3, 4h, 4w]`` and predicted IoU ``[P, 3]``.
         """
         points = self._to_input(points.to(self.device, self.dtype), sam_image)
         logits, iou = self._decode(sam_image, points=points, multimask=True)
-        return self._upscale(logits, sam_image), iou.float()
+        return logits.float(), iou.float()
+
+    def segment_points(
+        self, sam_image: SamImage, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`point_logits` upscaled: mask logits ``[P, 3, H, W]`` and IoU ``[P, 3]``."""
+        logits, iou = self.point_logits(sam_image, points)
+        return self.upscale(logits, sam_image), iou
 
 
 @dataclasses.dataclass

@@ -91,7 +91,7 @@ def test_overlay_tints_outlines_and_labels():
     ring[5:55, 5:75] = 1
     ring[15:45, 15:65] = 0
     segment = next(s for s in prediction.segments if s.id == 1)
-    x, y = drawing._label_points(ring, [1])[1]
+    x, y = drawing.label_points(ring, [1])[1]
     assert ring[y, x] == 1
     dark = render_overlay(np.zeros_like(image), ring, [segment], NAMES, alpha=0.0)
     assert (dark[y, x] != 0).all()  # the label box covers that point

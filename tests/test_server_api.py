@@ -393,7 +393,33 @@ def test_segments_are_the_records_of_the_result_files(client: TestClient, scenes
     body = segment(client, scenes[0]).json()
     record_keys = {"id", "category_id", "category_name", "isthing", "iscrowd", "area", "bbox"}
     for item in body["segments"]:
-        assert record_keys | {"score", "s_clip", "s_ret", "s_iv", "color", "rle"} == set(item)
+        extra = {"score", "s_clip", "s_ret", "s_iv", "color", "rle", "label_point", "neighbours"}
+        assert record_keys | extra == set(item)
+        x, y = item["label_point"]  # inside its own segment
+        assert decode_rle(item["rle"])[y, x]
+        assert item["neighbours"] == []  # no database: no retrieval
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    from pycocotools import mask as mask_util
+
+    return mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+
+
+def test_each_segment_carries_the_rows_behind_its_s_ret(client: TestClient, scenes) -> None:
+    files = [("images", (f"ex{i}.png", png(scene))) for i, scene in enumerate(scenes[1:3])]
+    added = client.post("/databases/evidence/rows", files=files, data={"labels": "circle"})
+    assert added.status_code == 200, added.text
+    body = segment(client, scenes[0], db="evidence").json()
+    assert body["segments"]
+    for item in body["segments"]:
+        neighbours = item["neighbours"]
+        assert 1 <= len(neighbours) <= 2  # two rows in the database
+        assert {n["label"] for n in neighbours} == {"circle"}
+        assert {n["source"] for n in neighbours} <= {"ex0.png", "ex1.png"}  # names, no paths
+        sims = [n["similarity"] for n in neighbours]
+        assert sims == sorted(sims, reverse=True) and all(-1.0 <= v <= 1.0001 for v in sims)
+    client.delete("/databases/evidence")
 
 
 def bomb_png(width: int, height: int) -> bytes:

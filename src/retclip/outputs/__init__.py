@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from retclip.outputs.drawing import palette, render_overlay, segment_colours
+from retclip.outputs.drawing import label_points, palette, render_overlay, segment_colours
 from retclip.outputs.files import (
     OUTPUT_SUFFIXES,
     ResultFiles,
@@ -30,6 +30,7 @@ __all__ = [
     "category_flags",
     "encode_rle",
     "instance_records",
+    "label_points",
     "output_paths",
     "palette",
     "read_outputs",

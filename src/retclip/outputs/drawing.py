@@ -65,7 +65,7 @@ def _run_depth(labels: np.ndarray) -> np.ndarray:
     return np.minimum(cols - start, end - cols)
 
 
-def _label_points(panoptic: np.ndarray, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+def label_points(panoptic: np.ndarray, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
     """An interior ``(x, y)`` per segment id.
 
     The pixel deepest inside its segment (distance to the segment's edge along its row and
@@ -108,9 +108,11 @@ def render_overlay(
     class_names: Sequence[str],
     *,
     alpha: float = 0.5,
+    labels: bool = True,
 ) -> np.ndarray:
     """Image with segments tinted, outlined and labelled ``"<class> <score>"`` (the class alone
-    for a NaN score, e.g. ground truth).
+    for a NaN score, e.g. ground truth); ``labels=False`` leaves the labels out (a viewer that
+    draws its own at :func:`label_points`).
 
     Every segment (every instance, for things) gets its own colour, blended with weight
     ``alpha``; void stays as is. Outlines are drawn in white between segments and around void,
@@ -124,6 +126,7 @@ def render_overlay(
         class_names: names indexed by ``Segment.category``; a name's first comma-separated
             synonym is shown.
         alpha: tint opacity in ``[0, 1]``.
+        labels: draw the labels.
 
     Returns:
         ``[H, W, 3]`` uint8 RGB.
@@ -161,7 +164,7 @@ def render_overlay(
     font_size = max(10, round(max(h, w) / 32))
     font = ImageFont.load_default(size=font_size)
     pad = max(2, font_size // 5)
-    points = _label_points(ids, [s.id for s in ordered])
+    points = label_points(ids, [s.id for s in ordered]) if labels else {}
     # Large segments first, so labels of small ones stay on top.
     for segment in sorted(ordered, key=lambda s: -s.area):
         if segment.id not in points:

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import threading
 import uuid
+from pathlib import PurePath
 from typing import Any, Literal
 
 import numpy as np
@@ -16,7 +17,13 @@ import torch
 from PIL import Image
 
 from retclip.images import id2rgb
-from retclip.outputs import encode_rle, render_overlay, segment_colours, segment_record
+from retclip.outputs import (
+    encode_rle,
+    label_points,
+    render_overlay,
+    segment_colours,
+    segment_record,
+)
 from retclip.panoptic import Segment
 from retclip.segmenter import SegmentationResult
 from retclip.server.config import ServerError
@@ -89,17 +96,33 @@ def _path_score(matrix: torch.Tensor | None, segment: Segment) -> float | None:
     return None if matrix is None else float(matrix[segment.mask_index, segment.category])
 
 
-def overlay_of(result: SegmentationResult) -> np.ndarray:
-    return render_overlay(result.image, result.panoptic, result.segments, result.vocabulary.names)
+def overlay_of(result: SegmentationResult, *, labels: bool = True) -> np.ndarray:
+    return render_overlay(
+        result.image, result.panoptic, result.segments, result.vocabulary.names, labels=labels
+    )
+
+
+def _neighbours(result: SegmentationResult, segment: Segment) -> list[dict[str, Any]]:
+    """The database rows behind the segment's ``s_ret`` (image names only: no server paths)."""
+    if result.neighbours is None:
+        return []
+    records = result.neighbours.of(segment.mask_index)
+    for record in records:
+        record["source"] = PurePath(str(record["source"])).name
+    return records
 
 
 def result_payload(
     result: SegmentationResult, result_id: str, images: ImagesMode
 ) -> dict[str, Any]:
     """The JSON answer of ``/segment`` and ``/rescore``: each segment is the record of
-    ``<stem>_panoptic.json`` (``records.segment_record``) plus its path scores, colour and RLE."""
+    ``<stem>_panoptic.json`` (``records.segment_record``) plus its path scores, colour, RLE, an
+    interior ``label_point`` ``[x, y]`` and the retrieved ``neighbours`` behind ``s_ret``. The
+    base64 overlay has no labels burned in (the page draws them at ``label_point``, readable at
+    any zoom); ``/results/{id}/overlay.png`` has them."""
     names = result.vocabulary.names
     colours = segment_colours(result.segments)  # the overlay's own colours, for the legend
+    points = label_points(result.panoptic, [s.id for s in result.segments])
     scores = result.scores
     segments = [
         {
@@ -109,6 +132,8 @@ def result_payload(
             "s_iv": _path_score(scores.s_iv, s),
             "color": "#{:02x}{:02x}{:02x}".format(*colours[s.id]),
             "rle": encode_rle(result.panoptic == s.id),
+            "label_point": list(points.get(s.id, (0, 0))),
+            "neighbours": _neighbours(result, s),
         }
         for s in result.segments
     ]
@@ -123,7 +148,7 @@ def result_payload(
         "segments": segments,
     }
     if images == "base64":
-        payload["overlay_png"] = png_base64(overlay_of(result))
+        payload["overlay_png"] = png_base64(overlay_of(result, labels=False))
         payload["panoptic_png"] = png_base64(id2rgb(result.panoptic))
     elif images == "url":
         payload["overlay_url"] = f"/results/{result_id}/overlay.png"

@@ -8,6 +8,13 @@ Inputs are per-proposal class probabilities ``[N, C]`` and mask probabilities ``
 Semantic void value: class maps are ``int32`` with void ``255`` when the vocabulary has fewer than
 255 classes (so the map fits an 8-bit PNG) and ``65535`` otherwise (a 16-bit PNG); see
 :func:`semantic_void_value`.
+
+Memory: masks may be given as bool (binary proposals, 1 byte a pixel) or float probabilities, and
+no function makes an ``[N, H, W]`` float copy of them: proposals (panoptic, instance) or pixels
+(semantic) are processed in chunks of about :data:`CHUNK_BYTES` of float work (250 masks at
+1333×800 would need 1 GB per float copy), with the panoptic winner kept incrementally. Chunking
+changes no result: each chunk computes the same per-pixel or per-proposal values, and ties keep
+going to the earlier proposal.
 """
 
 from __future__ import annotations
@@ -84,6 +91,25 @@ class PanopticPrediction:
     isthing: np.ndarray | None = field(default=None)
 
 
+#: Float working memory per chunk of the merges, in bytes (see the module docstring).
+CHUNK_BYTES = 32 * 2**20
+
+
+def _chunk_rows(chunk_size: int | None, row_elements: int) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else as many float32 rows of ``row_elements``
+    as fit in :data:`CHUNK_BYTES` (at least 1)."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return chunk_size
+    return max(1, CHUNK_BYTES // (4 * max(row_elements, 1)))
+
+
+def _floats(masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A chunk of masks as floats: probabilities as they are, bool/uint8 masks as 0/1 ``dtype``."""
+    return masks if masks.is_floating_point() else masks.to(dtype)
+
+
 def semantic_void_value(num_classes: int) -> int:
     """Void label of semantic maps: 255 for fewer than 255 classes, else 65535."""
     if num_classes < 255:
@@ -141,6 +167,7 @@ def panoptic_inference(
     score_threshold: float = 0.0,
     overlap_threshold: float = 0.8,
     void_class: int | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[np.ndarray, list[Segment]]:
     """Mask2Former's panoptic merge of proposals into non-overlapping segments.
 
@@ -153,11 +180,12 @@ def panoptic_inference(
 
     Args:
         class_probs: ``[N, C]`` class probabilities.
-        mask_probs: ``[N, H, W]`` mask probabilities in ``[0, 1]``.
+        mask_probs: ``[N, H, W]`` mask probabilities in ``[0, 1]``, or bool masks.
         isthing: ``[C]`` thing flags (``[C - 1]`` allowed when ``void_class == C - 1``).
         score_threshold: proposals need a class score strictly above this.
         overlap_threshold: minimum (won pixels) / (mask pixels) ratio.
         void_class: a column of ``class_probs`` meaning "no object", or ``None``.
+        chunk_size: kept proposals per chunk (default: :data:`CHUNK_BYTES` of float work).
 
     Returns:
         ``[H, W]`` int32 panoptic map (0 = void) and its segments by increasing id.
@@ -177,20 +205,36 @@ def panoptic_inference(
     kept = torch.nonzero(keep).flatten()
     if kept.numel() == 0:
         return panoptic, []
-    cur_scores, cur_classes, cur_masks = scores[kept], labels[kept], mask_probs[kept]
+    cur_scores, cur_classes = scores[kept], labels[kept]
     k = kept.numel()
 
-    best, ids = (cur_scores[:, None, None] * cur_masks).max(0)  # [H, W] winning kept proposal
-    binary = cur_masks >= 0.5  # [K, H, W]
-    own = binary.gather(0, ids[None]).squeeze(0)  # winner's own mask covers the pixel
+    # [H, W] winning kept proposal (largest score × mask, the earlier one on ties), its value, and
+    # whether the winner's own mask covers the pixel; kept incrementally over chunks of proposals
+    step = _chunk_rows(chunk_size, h * w)
+    original_area = np.zeros(k, dtype=np.int64)
+    best = ids = own = torch.empty(0)
+    for start in range(0, k, step):
+        chunk = _floats(mask_probs[kept[start : start + step]], cur_scores.dtype)  # [c, H, W]
+        chunk_best, chunk_ids = (cur_scores[start : start + step, None, None] * chunk).max(0)
+        binary = chunk >= 0.5
+        # Summing bools as int32 is ~10x faster than the default int64 on CPU.
+        areas = binary.reshape(len(chunk), -1).sum(1, dtype=torch.int32)
+        original_area[start : start + len(chunk)] = areas.cpu().numpy()
+        chunk_own = binary.gather(0, chunk_ids[None]).squeeze(0)
+        chunk_ids += start
+        if start == 0:
+            best, ids, own = chunk_best, chunk_ids, chunk_own
+        else:
+            better = chunk_best > best  # strictly: ties stay with the earlier proposal
+            best = torch.where(better, chunk_best, best)
+            ids = torch.where(better, chunk_ids, ids)
+            own = torch.where(better, chunk_own, own)
     flat_ids = ids.reshape(-1)
     # a pixel no kept proposal covers (every score × mask is 0, as off binary masks) is won by
     # none: argmax would hand it to the first proposal and inflate its area. Soft (sigmoid) masks
     # are never exactly 0, so for them this is Mask2Former's count unchanged.
     won = best.reshape(-1) > 0
     mask_area = torch.bincount(flat_ids[won], minlength=k).cpu().numpy()
-    # Summing bools as int32 is ~10x faster than the default int64 on CPU.
-    original_area = binary.reshape(k, -1).sum(1, dtype=torch.int32).cpu().numpy()
     final_area = torch.bincount(flat_ids[own.reshape(-1)], minlength=k).cpu().numpy()
 
     # Id bookkeeping, a short loop over kept proposals (Mask2Former's loop without the pixels).
@@ -243,14 +287,20 @@ def panoptic_inference(
 
 
 def semantic_inference(
-    class_probs: torch.Tensor, mask_probs: torch.Tensor, *, void_class: int | None = None
+    class_probs: torch.Tensor,
+    mask_probs: torch.Tensor,
+    *,
+    void_class: int | None = None,
+    chunk_size: int | None = None,
 ) -> np.ndarray:
     """Per-pixel class: ``argmax_c sum_n class_probs[n, c] · mask_probs[n]``.
 
     Args:
         class_probs: ``[N, C]`` class probabilities.
-        mask_probs: ``[N, H, W]`` mask probabilities in ``[0, 1]``.
+        mask_probs: ``[N, H, W]`` mask probabilities in ``[0, 1]``, or bool masks.
         void_class: a column of ``class_probs`` never predicted, or ``None``.
+        chunk_size: pixels per chunk (default: :data:`CHUNK_BYTES` of ``[N]`` and ``[C]`` float
+            work per pixel); the ``[C, H, W]`` score map is never built whole.
 
     Returns:
         ``[H, W]`` int32 class indices; pixels no mask covers (all ``mask_probs`` zero) and all
@@ -262,13 +312,18 @@ def semantic_inference(
     void = semantic_void_value(c)
     if n == 0 or c == 0:
         return np.full((h, w), void, dtype=np.int32)
-    semseg = torch.einsum("nc,nhw->chw", class_probs, mask_probs.to(class_probs.dtype))
-    if void_class is not None:
-        semseg[void_class] = -torch.inf
-    labels = semseg.argmax(0).to(torch.int32)
-    covered = mask_probs.sum(0) > 0
-    labels = torch.where(covered, labels, torch.full_like(labels, void))
-    return labels.cpu().numpy()
+    flat = mask_probs.reshape(n, h * w)
+    labels = torch.full((h * w,), void, dtype=torch.int32, device=class_probs.device)
+    step = _chunk_rows(chunk_size, n + c)
+    for start in range(0, h * w, step):
+        block = flat[:, start : start + step].to(class_probs.dtype)  # [N, P]
+        semseg = torch.einsum("nc,np->cp", class_probs, block)  # [C, P]
+        if void_class is not None:
+            semseg[void_class] = -torch.inf
+        covered = block.sum(0) > 0  # pixels no mask covers stay void
+        chunk_labels = semseg.argmax(0).to(torch.int32)
+        labels[start : start + step] = torch.where(covered, chunk_labels, void)
+    return labels.reshape(h, w).cpu().numpy()
 
 
 def instance_inference(
@@ -278,6 +333,7 @@ def instance_inference(
     *,
     max_instances: int = 100,
     void_class: int | None = None,
+    chunk_size: int | None = None,
 ) -> list[Instance]:
     """Mask2Former's instance results: top-k (proposal, class) pairs of thing classes.
 
@@ -291,6 +347,7 @@ def instance_inference(
         isthing: ``[C]`` thing flags (``[C - 1]`` allowed when ``void_class == C - 1``).
         max_instances: the ``k`` of the top-k (before stuff classes are dropped).
         void_class: a column of ``class_probs`` never selected, or ``None``.
+        chunk_size: proposals per chunk of the mask scores (default: :data:`CHUNK_BYTES`).
 
     Returns:
         Instances by decreasing score (ties by proposal, then class).
@@ -312,11 +369,16 @@ def instance_inference(
     labels = flat_index % c
     thing = torch.from_numpy(flags).to(labels.device)[labels]
     flat_scores, proposals, labels = flat_scores[thing], proposals[thing], labels[thing]
-    # the mask score depends on the proposal only: computed once per proposal ([N, H·W] work),
-    # not once per selected (proposal, class) pair, which copied up to k full masks
-    probs = mask_probs.reshape(n, -1)
-    binary = (probs > 0.5).to(mask_probs.dtype)
-    mask_scores = ((probs * binary).sum(1) / (binary.sum(1) + 1e-6))[proposals]
+    # the mask score depends on the proposal only: computed once per proposal, a chunk of
+    # proposals at a time, not once per selected (proposal, class) pair (k full-mask copies)
+    dtype = mask_probs.dtype if mask_probs.is_floating_point() else torch.float32
+    per_proposal = torch.zeros(n, dtype=dtype, device=mask_probs.device)
+    step = _chunk_rows(chunk_size, mask_probs[0].numel() if n else 1)
+    for start in range(0, n, step):
+        probs = _floats(mask_probs[start : start + step], dtype).reshape(-1, mask_probs[0].numel())
+        binary = (probs > 0.5).to(dtype)
+        per_proposal[start : start + len(probs)] = (probs * binary).sum(1) / (binary.sum(1) + 1e-6)
+    mask_scores = per_proposal[proposals]
     final = (flat_scores * mask_scores).double().cpu().numpy()
     proposals_np = proposals.cpu().numpy()
     labels_np = labels.cpu().numpy()
@@ -341,7 +403,8 @@ def postprocess(
 
     Args:
         class_probs: ``[N, C]`` class probabilities.
-        mask_probs: ``[N, H, W]`` mask probabilities in ``[0, 1]``.
+        mask_probs: ``[N, H, W]`` mask probabilities in ``[0, 1]``, or bool masks (binary
+            proposals: 1 byte a pixel; no float copy is made).
         isthing: ``[C]`` thing flags.
         score_threshold: panoptic: proposals need a class score strictly above this.
         overlap_threshold: panoptic: minimum (won pixels) / (mask pixels) ratio.

@@ -303,7 +303,8 @@ def merge(
     order = None if soft else canonical_order(class_probs[:, : len(vocab)], proposals)
     if order is not None:
         class_probs = class_probs[torch.from_numpy(order)]
-    masks = proposals.soft_masks if order is None else proposals.soft_masks[order]
+    # binary proposals stay bool (1 byte a pixel): the merge makes no [N, H, W] float copy
+    masks = proposals.soft_masks if order is None else proposals.masks[order]
     prediction = postprocess(
         class_probs,
         torch.from_numpy(masks),

@@ -75,3 +75,20 @@ def test_regions_proposer_recovers_flat_regions() -> None:
     union = (truth[:, None] | proposals.masks[None]).sum((2, 3))
     assert ((inter / union).max(1) > 0.8).all()  # each region found (blur leaves thin edges)
     assert proposals.class_hints is None
+
+
+def test_the_serve_database_is_built_once_then_reused(tmp_path) -> None:
+    from retclip.backbones import load_backbone
+    from retclip.database import FeatureDatabase
+    from retclip.toyworld.demo import SERVE_DATABASE, ensure_serve_database
+
+    backbone = load_backbone("toy")
+    path = ensure_serve_database(tmp_path, backbone, n=12, progress=False)
+    assert path == tmp_path / "databases" / SERVE_DATABASE
+    first = FeatureDatabase.open(path)
+    assert len(first) > 12 and first.generation >= 1
+    stamp = (path / "meta.json").stat().st_mtime_ns
+    assert ensure_serve_database(tmp_path, backbone, n=12, progress=False) == path
+    assert (path / "meta.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    labels = set(first.vocabulary().names)
+    assert {"circle", "stripes"} <= labels

@@ -82,6 +82,13 @@ SERVED_MODEL_FIELDS = tuple(
     help="Web origin (scheme://host:port) whose pages may write (repeat); the server's own is "
     "always allowed.",
 )
+@click.option(
+    "--demo-db/--no-demo-db",
+    default=True,
+    show_default=True,
+    help="With the toy backbone, offer the toy-world database 'toyworld' (built on first start "
+    "in --data-dir) and select it on the page.",
+)
 @with_options(spec_options(ModelSpec, SERVED_MODEL_FIELDS))
 def serve(
     host: str,
@@ -103,6 +110,7 @@ def serve(
     cache_mb: int,
     allow_hosts: tuple[str, ...],
     allow_origins: tuple[str, ...],
+    demo_db: bool,
     **model_options: Any,
 ) -> None:
     """Serve the segmentation API and web page (http://HOST:PORT/, API docs at /docs).
@@ -153,4 +161,10 @@ def serve(
     from retclip.server.engine import Engine
 
     engine = Engine(config)  # models load before listening: a bad name is one Error: line
+    if demo_db and "toy" in engine.backbones:
+        from retclip.toyworld.demo import SERVE_DATABASE, ensure_serve_database
+
+        click.echo(f"toy-world database '{SERVE_DATABASE}' in {data_dir} (built once, then reused)")
+        ensure_serve_database(data_dir, engine.backbones["toy"])
+        config = config.model_copy(update={"default_database": SERVE_DATABASE})
     uvicorn.run(create_app(config, preloaded=engine), host=host, port=port, log_level="info")

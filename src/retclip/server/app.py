@@ -54,7 +54,14 @@ from retclip.server.config import ServerConfig, ServerError
 from retclip.server.databases import Databases
 from retclip.server.engine import Engine, FeatureJob, SegmentJob
 from retclip.server.guards import HostAndOriginGuard
-from retclip.server.payloads import ImagesMode, ResultCache, overlay_of, png_base64, result_payload
+from retclip.server.payloads import (
+    ImagesMode,
+    ResultCache,
+    compare_payload,
+    overlay_of,
+    png_base64,
+    result_payload,
+)
 from retclip.server.uploads import (
     BodyLimit,
     choose,
@@ -87,6 +94,7 @@ class RescoreRequest(BaseModel):
     score_threshold: float | None = None
     overlap_threshold: float | None = None
     images: ImagesMode = "base64"
+    compare: bool = False
 
 
 class CreateDatabaseRequest(BaseModel):
@@ -292,6 +300,7 @@ def create_app(
                 {"name": name, "default": i == 0} for i, name in enumerate(config.proposers)
             ],
             "vocabularies": list(BUILTIN_VOCABULARIES),
+            "default_database": config.default_database,
             "defaults": dataclasses.asdict(Settings()),
             "limits": config.limits(),
             "token_required_for_writes": config.token is not None,
@@ -301,7 +310,10 @@ def create_app(
     async def segment(
         image: Annotated[UploadFile, File(description="The image (any format PIL reads).")],
         classes: Annotated[str | None, Form(description="'cat, dog|puppy, grass'")] = None,
-        vocab: Annotated[str | None, Form(description="ade20k-150 or coco-panoptic-133")] = None,
+        vocab: Annotated[
+            str | None,
+            Form(description="ade20k-150, coco-panoptic-133, or db: the labels of 'db'"),
+        ] = None,
         backbone: Annotated[str | None, Form()] = None,
         proposer: Annotated[str | None, Form()] = None,
         db: Annotated[str | None, Form(description="database name for retrieval")] = None,
@@ -312,10 +324,17 @@ def create_app(
         score_threshold: Annotated[float | None, Form()] = None,
         overlap_threshold: Annotated[float | None, Form()] = None,
         images: Annotated[ImagesMode, Form()] = "base64",
+        compare: Annotated[
+            bool, Form(description="also CLIP only / retrieval only / RetCLIP side by side")
+        ] = False,
     ) -> dict[str, Any]:
         """Segment an image with any vocabulary; the answer's ``result_id`` feeds ``/rescore``."""
         data, name = await read_upload(image, "image", config.max_upload_bytes)
-        vocabulary = vocabulary_of(classes, vocab, config.max_classes)
+        db_name = db.strip() if db is not None and db.strip() else None
+        opener = None if db_name is None else (lambda: databases.get(db_name))
+        vocabulary = await asyncio.to_thread(
+            vocabulary_of, classes, vocab, config.max_classes, opener
+        )
         settings = settings_of(
             Settings(),
             alpha=alpha,
@@ -327,7 +346,6 @@ def create_app(
         )
         backbone_name = choose(backbone, config.backbones, "backbone")
         proposer_name = choose(proposer, config.proposers, "proposer")
-        db_name = db.strip() if db is not None and db.strip() else None
         if db_name is not None:
             databases.path(db_name)
         pixels = await asyncio.to_thread(decode_image, data, name, config.max_image_pixels)
@@ -336,18 +354,23 @@ def create_app(
         result_id = results.put(result)
         payload = await asyncio.to_thread(result_payload, result, result_id, images)
         payload.update(backbone=backbone_name, proposer=proposer_name, db=db_name)
+        if compare:
+            payload["compare"] = await asyncio.to_thread(compare_payload, result)
         return payload
 
     @app.post("/rescore")
     async def rescore(body: RescoreRequest) -> dict[str, Any]:
         """Re-combine a cached result's per-mask scores under new settings (no model pass)."""
         result = results.get(body.result_id)
-        changes = body.model_dump(exclude={"result_id", "images"}, exclude_none=True)
+        changes = body.model_dump(exclude={"result_id", "images", "compare"}, exclude_none=True)
         settings = settings_of(result.settings, **changes)
         rescored = await asyncio.to_thread(result.rescore, **dataclasses.asdict(settings))
         results.put(rescored, body.result_id)
         engine().count("rescored")
-        return await asyncio.to_thread(result_payload, rescored, body.result_id, body.images)
+        payload = await asyncio.to_thread(result_payload, rescored, body.result_id, body.images)
+        if body.compare:
+            payload["compare"] = await asyncio.to_thread(compare_payload, rescored)
+        return payload
 
     @app.get("/results/{result_id}/overlay.png", response_class=Response)
     async def overlay_png(result_id: str) -> Response:

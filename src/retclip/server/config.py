@@ -47,6 +47,8 @@ class ServerConfig(BaseModel):
         allowed_hosts: ``Host`` names requests may be addressed to (``*``: any), against DNS
             rebinding; the local names by default (:mod:`retclip.server.guards`).
         allowed_origins: web origins besides the server's own that may write (POST, DELETE).
+        default_database: the database the page selects first (``retclip serve`` sets the
+            toy-world one it builds), or ``None``.
         model_options: options of the models (``ModelSpec`` fields other than backbone,
             proposer and device: ``fcclip_checkpoint``, ``detector``, thresholds...), the same
             for every backbone and proposer (each proposer takes the ones it knows).
@@ -74,6 +76,7 @@ class ServerConfig(BaseModel):
     model_options: dict[str, Any] = Field(default_factory=dict)
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     allowed_origins: tuple[str, ...] = ()
+    default_database: str | None = None
 
     def __init__(self, **values: Any) -> None:
         try:

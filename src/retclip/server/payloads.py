@@ -154,3 +154,28 @@ def result_payload(
         payload["overlay_url"] = f"/results/{result_id}/overlay.png"
         payload["panoptic_url"] = f"/results/{result_id}/panoptic.png"
     return payload
+
+
+#: The three settings of the paper's comparison (Table 2): γ of each, RetCLIP's from the request.
+COMPARE_MODES = (("clip", "CLIP only", 0.0), ("retrieval", "retrieval only", 1.0))
+
+
+def compare_payload(result: SegmentationResult) -> list[dict[str, Any]]:
+    """CLIP only (γ = 0), retrieval only (γ = 1) and RetCLIP (the result's own γ) side by side:
+    per mode its label-free overlay and the classes found with their segment counts. Re-merges
+    the cached scores; no model pass."""
+    modes = [*COMPARE_MODES, ("retclip", "RetCLIP", result.settings.gamma)]
+    out = []
+    for key, title, gamma in modes:
+        rescored = result if gamma == result.settings.gamma else result.rescore(gamma=gamma)
+        counts = collections.Counter(rescored.label_of(s) for s in rescored.segments)
+        out.append(
+            {
+                "mode": key,
+                "title": title,
+                "gamma": gamma,
+                "overlay_png": png_base64(overlay_of(rescored, labels=False)),
+                "classes": [{"name": n, "segments": c} for n, c in sorted(counts.items())],
+            }
+        )
+    return out

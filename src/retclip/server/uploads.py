@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from retclip.database import FeatureDatabase
 from retclip.errors import InputError
 from retclip.images import load_image
 from retclip.segmenter import Settings
@@ -101,8 +102,23 @@ def decode_mask(data: bytes, name: str, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def vocabulary_of(classes: str | None, vocab: str | None, max_classes: int) -> Vocabulary:
-    """The request's vocabulary from exactly one of ``classes`` and a built-in ``vocab`` name."""
+def vocabulary_of(
+    classes: str | None,
+    vocab: str | None,
+    max_classes: int,
+    database: Callable[[], FeatureDatabase] | None = None,
+) -> Vocabulary:
+    """The request's vocabulary from exactly one of ``classes`` and a built-in ``vocab`` name,
+    or ``vocab=db``: every label of the request's database (``database`` opens it)."""
+    if vocab is not None and vocab.strip().lower() == "db" and not (classes or "").strip():
+        if database is None:
+            raise InputError("'vocab' db segments with the database's labels: give 'db' too")
+        found = database().vocabulary()
+        if len(found) > max_classes:
+            raise InputError(
+                f"the database has {len(found)} labels; the limit is {max_classes} classes"
+            )
+        return found
     return Vocabulary.from_choice(
         classes,
         vocab,

@@ -48,7 +48,50 @@ SETTINGS = {
     "retclip": Settings(),
 }
 REPORTED = ("PQ", "SQ", "RQ", "mIoU", "mAP")
+#: Name of the toy-world database ``retclip serve`` builds and offers by default.
+SERVE_DATABASE = "toyworld"
 GAMMAS = tuple(round(float(g), 2) for g in np.linspace(0.0, 1.0, 11))
+
+
+def build_toy_database(
+    path: Path,
+    backbone: Backbone,
+    db_json: Path,
+    db_images: Path,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> FeatureDatabase:
+    """The toy world's database at ``path``: one row per ground-truth segment of a ``db`` split
+    (written by :func:`~retclip.toyworld.dataset.write_split`), pooled with ``backbone``.
+    Resumable like any build; an existing complete database is opened, not rebuilt."""
+    database = FeatureDatabase.create(
+        path, fingerprint=backbone.fingerprint, dim=backbone.dim, exist_ok=True
+    )
+    db_split = CocoPanopticDataset(db_json, db_images)
+    build_database(
+        database,
+        backbone,
+        GroundTruthProposer(db_split),
+        items_from_dataset(db_split),
+        build_id=f"demo-{seed}",
+        progress=progress,
+    )
+    return database
+
+
+def ensure_serve_database(
+    data_dir: Path, backbone: Backbone, *, n: int = 300, seed: int = 0, progress: bool = True
+) -> Path:
+    """The toy-world database ``retclip serve`` offers by default (:data:`SERVE_DATABASE`
+    under ``<data_dir>/databases``), built on first start from ``n`` generated scenes (kept in
+    ``<data_dir>/toyworld``) and reused afterwards."""
+    path = Path(data_dir) / "databases" / SERVE_DATABASE
+    if (path / "meta.json").is_file() and len(FeatureDatabase.open(path, verify=False)):
+        return path
+    db_json, db_images = write_split(Path(data_dir) / "toyworld", "db", n, seed, progress=progress)
+    build_toy_database(path, backbone, db_json, db_images, seed=seed, progress=progress)
+    return path
 
 
 def run_demo(
@@ -77,17 +120,8 @@ def run_demo(
     val_json, val_images = write_split(world, "val", n_val, seed, progress=progress)
 
     log("building the feature database from the db split's segments")
-    database = FeatureDatabase.create(
-        out / "database", fingerprint=backbone.fingerprint, dim=backbone.dim, exist_ok=True
-    )
-    db_split = CocoPanopticDataset(db_json, db_images)
-    build_database(
-        database,
-        backbone,
-        GroundTruthProposer(db_split),
-        items_from_dataset(db_split),
-        build_id=f"demo-{seed}",
-        progress=progress,
+    database = build_toy_database(
+        out / "database", backbone, db_json, db_images, seed=seed, progress=progress
     )
 
     def segment(split_json: Path, images: Path, name: str) -> tuple[EvalDataset, ScoreCache]:

@@ -3,7 +3,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, resultId: null, segments: [], pixels: null, width: 0, seq: 0 };
+const state = {
+  file: null, resultId: null, segments: [], pixels: null, width: 0, height: 0, seq: 0,
+  defaultDb: null, selected: null,
+};
 
 function setStatus(element, text, isError = false) {
   element.textContent = text;
@@ -27,7 +30,15 @@ async function loadOptions() {
   for (const [key, select] of [["backbones", $("backbone")], ["proposers", $("proposer")]]) {
     select.replaceChildren(...models[key].map((m) => new Option(m.name, m.name, m.default, m.default)));
   }
+  state.defaultDb = models.default_database;
   await loadDatabases();
+  // the server's own database (the toy world): selected, with its labels as the vocabulary, so
+  // the first segmentation already compares CLIP only, retrieval only and RetCLIP
+  if (state.defaultDb && [...$("db").options].some((o) => o.value === state.defaultDb)) {
+    $("db").value = state.defaultDb;
+    if (!$("classes").value.trim()) $("vocab").value = "db";
+  }
+  document.body.dataset.ready = "1";
 }
 
 async function loadDatabases() {
@@ -54,6 +65,12 @@ function showResult(result) {
   const overlay = $("overlay");
   overlay.src = `data:image/png;base64,${result.overlay_png}`;
   overlay.dataset.resultId = result.result_id;
+  state.width = result.width;
+  state.height = result.height;
+  renderLabels();
+  renderCompare(result.compare);
+  const still = state.segments.find((s) => s.id === state.selected);
+  if (still) showSegment(still); else hideSegment();
   const legend = $("legend");
   const byLabel = new Map();
   for (const segment of result.segments) {
@@ -85,7 +102,6 @@ function showResult(result) {
     const context = canvas.getContext("2d", { willReadFrequently: true });
     context.drawImage(image, 0, 0);
     state.pixels = context.getImageData(0, 0, image.width, image.height).data;
-    state.width = image.width;
   };
   image.src = `data:image/png;base64,${result.panoptic_png}`;
   $("hover-label").textContent = "";
@@ -103,6 +119,7 @@ async function segment() {
   form.append("beta", $("beta").value);
   form.append("gamma", $("gamma").value);
   form.append("score_threshold", $("threshold").value);
+  form.append("compare", "true");
   const seq = ++state.seq;
   document.body.dataset.busy = "1";
   setStatus($("status"), "segmenting…");
@@ -127,6 +144,7 @@ async function rescore() {
     beta: Number($("beta").value),
     gamma: Number($("gamma").value),
     score_threshold: Number($("threshold").value),
+    compare: true,
   };
   const seq = ++state.seq;
   document.body.dataset.busy = "1";
@@ -157,18 +175,123 @@ function syncOutputs() {
   }
 }
 
-function labelAt(event) {
-  if (!state.pixels) return "";
-  const overlay = $("overlay");
-  const box = overlay.getBoundingClientRect();
+function shortName(name) {
+  return name.split(",")[0].trim();
+}
+
+function segmentAt(event) {
+  // the segment id under the pointer, read from the panoptic PNG (null: outside the image)
+  if (!state.pixels) return null;
+  const box = $("overlay").getBoundingClientRect();
   const x = Math.floor(((event.clientX - box.left) / box.width) * state.width);
-  const height = state.pixels.length / 4 / state.width;
-  const y = Math.floor(((event.clientY - box.top) / box.height) * height);
-  if (x < 0 || y < 0 || x >= state.width || y >= height) return "";
+  const y = Math.floor(((event.clientY - box.top) / box.height) * state.height);
+  if (x < 0 || y < 0 || x >= state.width || y >= state.height) return null;
   const offset = (y * state.width + x) * 4;
-  const id = state.pixels[offset] + 256 * state.pixels[offset + 1] + 65536 * state.pixels[offset + 2];
+  return state.pixels[offset] + 256 * state.pixels[offset + 1] + 65536 * state.pixels[offset + 2];
+}
+
+function labelAt(event) {
+  const id = segmentAt(event);
+  if (id === null) return "";
   const segment = state.segments.find((s) => s.id === id);
   return segment ? `${segment.category_name} (${segment.score.toFixed(2)})` : id === 0 ? "void" : "";
+}
+
+function renderLabels() {
+  // one small label per segment at its interior point, positioned in % of the image, so it
+  // stays put and readable whatever the zoom; the overlay itself carries no text
+  const layer = $("labels");
+  layer.replaceChildren(...state.segments.map((segment) => {
+    const label = document.createElement("span");
+    const [x, y] = segment.label_point;
+    label.style.left = `${((x + 0.5) / state.width) * 100}%`;
+    label.style.top = `${((y + 0.5) / state.height) * 100}%`;
+    label.style.borderLeftColor = segment.color;
+    label.textContent = shortName(segment.category_name);
+    label.dataset.segment = String(segment.id);
+    label.classList.toggle("selected", segment.id === state.selected);
+    return label;
+  }));
+  layer.classList.toggle("hidden", !$("show-labels").checked);
+}
+
+function renderCompare(compare) {
+  const box = $("compare");
+  if (!compare) { box.hidden = true; return; }
+  const gamma = Number($("gamma").value);
+  $("compare-row").replaceChildren(...compare.map((mode) => {
+    const figure = document.createElement("figure");
+    figure.dataset.mode = mode.mode;
+    figure.classList.toggle("active", Math.abs(mode.gamma - gamma) < 1e-9);
+    const image = document.createElement("img");
+    image.src = `data:image/png;base64,${mode.overlay_png}`;
+    image.alt = mode.title;
+    const caption = document.createElement("figcaption");
+    const found = mode.classes.map((c) => `${shortName(c.name)}${c.segments > 1 ? ` ×${c.segments}` : ""}`);
+    const title = document.createElement("strong");
+    title.textContent = `${mode.title} (γ = ${mode.gamma})`;
+    caption.append(title, document.createElement("br"), found.join(", ") || "nothing");
+    figure.append(image, caption);
+    figure.addEventListener("click", () => {
+      $("gamma").value = String(mode.gamma);
+      $("gamma").dispatchEvent(new Event("input"));
+    });
+    return figure;
+  }));
+  box.hidden = false;
+}
+
+function fmt(value) {
+  return value === null || value === undefined ? "–" : Number(value).toFixed(3);
+}
+
+function showSegment(segment) {
+  state.selected = segment.id;
+  const panel = $("segment-panel");
+  $("segment-title").textContent =
+    `${segment.category_name} — segment ${segment.id}, ${segment.area} pixels, ${segment.isthing ? "thing" : "stuff"}`;
+  const rows = [["final score", segment.score], ["s_clip (CLIP text)", segment.s_clip],
+    ["s_ret (retrieval)", segment.s_ret], ["s_iv (in-vocabulary)", segment.s_iv]];
+  $("segment-scores").replaceChildren(...rows.map(([name, value]) => {
+    const row = document.createElement("tr");
+    const key = document.createElement("td");
+    key.textContent = name;
+    const cell = document.createElement("td");
+    cell.textContent = fmt(value);
+    row.append(key, cell);
+    return row;
+  }));
+  const neighbours = segment.neighbours || [];
+  $("neighbours-empty").hidden = neighbours.length > 0;
+  $("neighbours").replaceChildren(...neighbours.map((n) => {
+    const item = document.createElement("li");
+    item.className = "neighbour";
+    const label = document.createElement("span");
+    label.className = "neighbour-label";
+    label.textContent = n.label;
+    label.classList.toggle("match", n.label === segment.category_name);
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${Math.max(0, n.similarity) * 8}rem`;
+    const value = document.createElement("span");
+    value.className = "neighbour-similarity";
+    value.textContent = n.similarity.toFixed(3);
+    const source = document.createElement("span");
+    source.className = "hint";
+    source.textContent = ` ${n.source}${n.database === 1 ? " (fallback)" : ""}`;
+    item.append(label, bar, value, source);
+    return item;
+  }));
+  panel.hidden = false;
+  panel.dataset.segment = String(segment.id);
+  for (const label of $("labels").children) {
+    label.classList.toggle("selected", label.dataset.segment === String(segment.id));
+  }
+}
+
+function hideSegment() {
+  state.selected = null;
+  $("segment-panel").hidden = true;
 }
 
 async function teach() {
@@ -231,7 +354,23 @@ function init() {
       scheduleRescore();
     });
   }
-  $("overlay").addEventListener("mousemove", (event) => { $("hover-label").textContent = labelAt(event); });
+  const tooltip = $("tooltip");
+  $("overlay").addEventListener("mousemove", (event) => {
+    const text = labelAt(event);
+    $("hover-label").textContent = text;
+    const box = $("viewer").getBoundingClientRect();
+    tooltip.textContent = text;
+    tooltip.hidden = !text;
+    tooltip.style.left = `${event.clientX - box.left}px`;
+    tooltip.style.top = `${event.clientY - box.top}px`;
+  });
+  $("overlay").addEventListener("mouseleave", () => { tooltip.hidden = true; });
+  $("overlay").addEventListener("click", (event) => {
+    const id = segmentAt(event);
+    const segment = state.segments.find((s) => s.id === id);
+    if (segment) showSegment(segment); else hideSegment();
+  });
+  $("show-labels").addEventListener("change", renderLabels);
   $("add-btn").addEventListener("click", teach);
   syncOutputs();
   loadOptions().catch((error) => setStatus($("status"), error.message, true));

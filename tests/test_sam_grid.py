@@ -11,7 +11,7 @@ import torch
 from retclip.images import SourceImage
 from retclip.proposers import load_proposer
 from retclip.proposers.mask_ops import mask_iou, mask_nms, stability_score
-from retclip.proposers.sam_grid import SamGridProposer, point_grid
+from retclip.proposers.sam_grid import SamGridProposer, low_res_boxes, point_grid
 from retclip.vocabulary import Vocabulary
 from tiny_detectors import save_sam
 
@@ -88,3 +88,69 @@ def test_grid_filters_drop_masks(sam_dir) -> None:
     assert len(run(stability_threshold=0.999)) < len(everything)
     assert len(run(pred_iou_threshold=2.0)) == 0
     assert len(run(min_area=40 * 56 + 1)) == 0
+
+
+def test_low_res_boxes_scale_cells_to_pixels() -> None:
+    masks = torch.zeros((2, 4, 8), dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True  # rows 1-2, cols 2-4 of a 4×8 grid over a 40×160 image
+    boxes = low_res_boxes(masks, 40, 160)
+    assert boxes.tolist() == [[40.0, 10.0, 100.0, 30.0], [0.0, 0.0, 0.0, 0.0]]
+
+
+def grid(sam_dir: Path, **options: float) -> SamGridProposer:
+    settings = dict(
+        points_per_side=4,
+        points_per_batch=8,
+        pred_iou_threshold=-1.0,
+        stability_threshold=0.0,
+        mask_nms_iou=1.0,
+        min_area=0,
+        device="cpu",
+    )
+    settings.update(options)
+    return SamGridProposer(str(sam_dir), **settings)  # type: ignore[arg-type]
+
+
+def test_unfiltered_grid_equals_every_upscaled_candidate(sam_dir) -> None:
+    proposer = grid(sam_dir)
+    result = proposer.propose(SourceImage(image()), Vocabulary.from_string("x"))
+    sam_image = proposer.sam.embed(image())
+    logits, iou = proposer.sam.segment_points(sam_image, point_grid(4, 40, 56)[:8])
+    rest, rest_iou = proposer.sam.segment_points(sam_image, point_grid(4, 40, 56)[8:])
+    masks = torch.cat([logits, rest]).flatten(0, 1) > 0
+    scores = torch.cat([iou, rest_iou]).flatten()
+    order = torch.argsort(scores, descending=True)
+    assert len(result) == 48
+    np.testing.assert_array_equal(result.masks, masks[order].numpy())
+    np.testing.assert_array_equal(result.scores, scores[order].clamp(0, 1).numpy())
+
+
+def test_filters_run_on_low_res_logits_and_only_survivors_are_upscaled(sam_dir) -> None:
+    proposer = grid(sam_dir, stability_offset=2e-6)  # the tiny SAM's logits are ~1e-6
+    sam_image = proposer.sam.embed(image())
+    low, iou = proposer.sam.point_logits(sam_image, point_grid(4, 40, 56)[:8])
+    low2, iou2 = proposer.sam.point_logits(sam_image, point_grid(4, 40, 56)[8:])
+    low, iou = torch.cat([low, low2]).flatten(0, 1), torch.cat([iou, iou2]).flatten()
+    stable = stability_score(proposer.sam.valid_low_res(low, sam_image), 0.0, 2e-6)
+    proposer.pred_iou_threshold = float(iou.median())
+    proposer.stability_threshold = float(stable[iou > iou.median()].median())
+    expected = (iou > proposer.pred_iou_threshold) & (stable >= proposer.stability_threshold)
+    assert 0 < int(expected.sum()) < int((iou > iou.median()).sum())  # both filters bite
+
+    rows: list[int] = []
+    upscale = proposer.sam.upscale
+    proposer.sam.upscale = lambda logits, im: (rows.append(len(logits)), upscale(logits, im))[1]
+    result = proposer.propose(SourceImage(image()), Vocabulary.from_string("x"))
+    assert len(result) == sum(rows) == int(expected.sum())  # only the survivors upscaled
+    np.testing.assert_array_equal(
+        np.sort(result.scores), np.sort(iou[expected].clamp(0, 1).numpy())
+    )
+
+
+def test_duplicates_are_removed_by_box_nms(sam_dir) -> None:
+    everything = grid(sam_dir).propose(SourceImage(image()), Vocabulary.from_string("x"))
+    deduplicated = grid(sam_dir, mask_nms_iou=0.3).propose(
+        SourceImage(image()), Vocabulary.from_string("x")
+    )
+    assert 0 < len(deduplicated) < len(everything)
+    assert deduplicated.scores[0] == everything.scores[0]  # the best one always survives

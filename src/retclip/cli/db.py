@@ -13,6 +13,8 @@ from retclip.cli.options import (
     CleanErrorsGroup,
     model_options,
     pipeline_spec,
+    ray_cluster,
+    ray_options,
     spec_options,
     with_options,
 )
@@ -179,6 +181,7 @@ build_options = [
     click.option("--batch-size", default=8, show_default=True, help="Images per commit."),
     click.option("--limit", type=int, help="Use only the first N images."),
     *spec_options(PipelineSpec, ["pooling"]),
+    *ray_options,
 ]
 
 
@@ -186,6 +189,7 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     from retclip.database import FeatureDatabase, IndexSpec
     from retclip.database.build import build_database, build_id_for
 
+    cluster = ray_cluster(options)  # before any work: a missing extra is one error line
     items, origin, synonyms = _build_items(options)
     limit, batch_size = options.pop("limit"), options.pop("batch_size")
     if limit is not None:
@@ -220,16 +224,32 @@ def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
     settings = json.dumps({**spec.model.description(), "proposer": None}, sort_keys=True)
     build_id = build_id_for(backbone, proposer, f"{origin}:{settings}", pooling)
     try:
-        report = build_database(
-            database,
-            backbone,
-            proposer,
-            items,
-            build_id=build_id,
-            batch_size=batch_size,
-            pooling=pooling,
-            synonyms=synonyms,
-        )
+        if cluster is None:
+            report = build_database(
+                database,
+                backbone,
+                proposer,
+                items,
+                build_id=build_id,
+                batch_size=batch_size,
+                pooling=pooling,
+                synonyms=synonyms,
+            )
+        else:  # the same build, its per-image work on Ray workers with models of the same spec
+            from retclip.distributed import build_database_on_ray
+
+            report = build_database_on_ray(
+                database,
+                backbone,
+                proposer,
+                items,
+                load_models=spec.model.load,
+                cluster=cluster,
+                build_id=build_id,
+                batch_size=batch_size,
+                pooling=pooling,
+                synonyms=synonyms,
+            )
     except BaseException:
         # a database this run created is removed if the run failed before any commit (by it
         # or by another writer), not left behind empty

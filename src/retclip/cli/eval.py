@@ -20,6 +20,8 @@ from retclip.cli.options import (
     ensemble_options,
     model_options,
     pipeline_spec,
+    ray_cluster,
+    ray_options,
     retrieval_options,
     train_vocab_option,
     with_options,
@@ -206,6 +208,7 @@ config_option = click.option(
 @with_options(model_options(backbone_required=False))
 @with_options(retrieval_options)
 @with_options(ensemble_options)
+@with_options(ray_options)
 @click.option(
     "--cache",
     type=click.Path(path_type=Path),
@@ -251,6 +254,9 @@ def eval_command(**o: Any) -> None:
     from retclip.vocabulary import Vocabulary
 
     _check_config_needs(o)
+    cluster = ray_cluster(o)
+    if cluster is not None and o["predictions"] is not None:
+        raise InputError("--ray runs the model pass; scoring --predictions has none")
     out: Path = o["out"]
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a directory")
@@ -296,7 +302,17 @@ def eval_command(**o: Any) -> None:
         def make_segmenter() -> Segmenter:
             return build_segmenter(spec)
 
-        ran = run_model(dataset, indices, cache, make_segmenter, vocabulary, progress=o["progress"])
+        if cluster is None:
+            ran = run_model(
+                dataset, indices, cache, make_segmenter, vocabulary, progress=o["progress"]
+            )
+        else:  # segmented on Ray workers, the cache written here
+            from retclip.distributed import run_model_on_ray
+
+            ran = run_model_on_ray(
+                dataset, indices, cache, make_segmenter, vocabulary, cluster=cluster,
+                progress=o["progress"],
+            )  # fmt: skip
         click.echo(f"segmented {ran} images, {len(indices) - ran} taken from {cache.directory}")
         (evaluator,) = score_cache(
             dataset, indices, cache, vocabulary, [settings], seen=seen, progress=o["progress"]

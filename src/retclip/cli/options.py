@@ -19,7 +19,7 @@ import click
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from retclip.errors import InputError, RetclipError
+from retclip.errors import InputError, RetclipError, require_extra
 from retclip.pipeline import ModelSpec, PipelineSpec, spec_error
 from retclip.settings import Settings
 
@@ -189,6 +189,47 @@ def _ensemble_options() -> list[Callable[[Any], Any]]:
 
 
 ensemble_options = _ensemble_options()
+
+
+#: ``--ray [ADDRESS]``, ``--workers``, ``--gpus-per-worker``: the model stage on a Ray cluster.
+ray_options = [
+    click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="local",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run the model stage on Ray (needs retclip[ray]): alone (or 'local'), a Ray started "
+        "for the run; 'auto', the running cluster; or HOST:PORT / ray://HOST:PORT.",
+    ),
+    click.option(
+        "--workers",
+        type=int,
+        help="With --ray: model workers [default: one per GPU, else one per CPU].",
+    ),
+    click.option(
+        "--gpus-per-worker",
+        type=float,
+        help="With --ray: GPUs each worker holds, fractions share one [default: 1 on a cluster "
+        "with GPUs, else 0].",
+    ),
+]
+
+
+def ray_cluster(options: dict[str, Any]) -> Any:
+    """The :class:`retclip.distributed.RayCluster` of the Ray options (taken out of
+    ``options``), or ``None`` without ``--ray``; a missing extra is an error before any work."""
+    address = options.pop("ray_address")
+    workers, gpus = options.pop("workers"), options.pop("gpus_per_worker")
+    if address is None:
+        if workers is not None or gpus is not None:
+            raise InputError("--workers and --gpus-per-worker need --ray")
+        return None
+    from retclip.distributed import RAY_MODULES, RayCluster
+
+    require_extra("ray", "--ray", RAY_MODULES)
+    return RayCluster(address, workers, gpus)
 
 
 def model_spec(options: dict[str, Any], proposer: str | None) -> ModelSpec:

@@ -6,8 +6,9 @@ with random weights, saved once under a cache folder (``save_pretrained`` / Open
 would be. ``size="tiny"`` uses the test suite's tiny models of the same architectures.
 
 Names: ``clip-b16``, ``clip-l14`` (transformers CLIP), ``convnext-l`` (OpenCLIP
-``convnext_large_d_320``), ``sam-vit-b`` (``SamConfig()``), ``gdino-tiny`` (Swin-T + BERT-base),
-``gdino-base`` (Swin-B + BERT-base).
+``convnext_large_d_320``), ``sam-vit-b`` (``SamConfig()``), ``sam2.1-tiny`` (``Sam2Config()``:
+Hiera-T, SAM 2.1 tiny's architecture), ``edgetam`` (``EdgeTamConfig`` with timm RepViT-M1),
+``gdino-tiny`` (Swin-T + BERT-base), ``gdino-base`` (Swin-B + BERT-base).
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ if str(TESTS) not in sys.path:
 import tiny_detectors  # noqa: E402
 import tiny_models  # noqa: E402
 
-MODELS = ("clip-b16", "clip-l14", "convnext-l", "sam-vit-b", "gdino-tiny", "gdino-base")
+MODELS = (
+    "clip-b16",
+    "clip-l14",
+    "convnext-l",
+    "sam-vit-b",
+    "sam2.1-tiny",
+    "edgetam",
+    "gdino-tiny",
+    "gdino-base",
+)
 _VISION = {
     "clip-b16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                      num_attention_heads=12, patch_size=16, image_size=224),
@@ -72,6 +82,10 @@ def _build_tiny(name: str, directory: Path) -> None:
         tiny_models.save_tiny_open_clip_convnext(directory)
     elif name == "sam-vit-b":
         tiny_detectors.save_sam(directory)
+    elif name == "sam2.1-tiny":
+        tiny_detectors.save_sam2(directory)
+    elif name == "edgetam":
+        tiny_detectors.save_edgetam(directory)
     else:
         tiny_detectors.save_grounding_dino(directory)
 
@@ -84,6 +98,8 @@ def _build_real(name: str, directory: Path) -> None:
         _save_convnext_l(directory)
     elif name == "sam-vit-b":
         _save_sam(directory)
+    elif name in ("sam2.1-tiny", "edgetam"):
+        _save_sam2(name, directory)
     else:
         _save_grounding_dino(name, directory)
 
@@ -128,6 +144,33 @@ def _save_sam(directory: Path) -> None:
 
     SamModel(SamConfig()).eval().save_pretrained(directory)
     SamProcessor(image_processor=SamImageProcessor()).save_pretrained(directory)
+
+
+def _save_sam2(name: str, directory: Path) -> None:
+    """SAM 2.1 Hiera-T (``Sam2Config()``'s defaults) or EdgeTAM (RepViT-M1 trunk; transformers'
+    default names the timm model under a misspelt key, so it is given here), 1024 px input."""
+    from transformers import (
+        EdgeTamConfig,
+        EdgeTamModel,
+        EdgeTamVisionConfig,
+        Sam2Config,
+        Sam2ImageProcessor,
+        Sam2Model,
+        Sam2Processor,
+        TimmWrapperConfig,
+    )
+
+    if name == "sam2.1-tiny":
+        Sam2Model(Sam2Config()).eval().save_pretrained(directory)
+    else:
+        repvit = TimmWrapperConfig(
+            architecture="repvit_m1",
+            do_pooling=False,
+            model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]},
+        )
+        config = EdgeTamConfig(vision_config=EdgeTamVisionConfig(backbone_config=repvit))
+        EdgeTamModel(config).eval().save_pretrained(directory)
+    Sam2Processor(image_processor=Sam2ImageProcessor()).save_pretrained(directory)
 
 
 def _save_grounding_dino(name: str, directory: Path) -> None:

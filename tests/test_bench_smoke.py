@@ -11,10 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import (
     bench_build,
+    bench_detector_prompts,
     bench_end_to_end,
+    bench_mask_tier,
     bench_retrieval,
     bench_segment_features,
     bench_segment_latency,
+    gpu_check,
 )
 
 
@@ -69,3 +72,48 @@ def test_results_written(tmp_path: Path) -> None:
     report("u", [markdown_table(["x"], [[2]])], results=out)
     text = out.read_text()
     assert "## t" in text and "## u" in text and "OMP_NUM_THREADS" in text
+
+
+def test_detector_prompts(tiny_args: list[str]) -> None:
+    argv = [*tiny_args, "--classes", "150", "--image-size", "48", "64", "--shortest-edge", "64",
+            "--longest-edge", "96"]  # fmt: skip
+    text = bench_detector_prompts.main(argv)
+    assert "| shared |" in text and "identical: True" in text
+
+
+def test_mask_tier(tiny_args: list[str]) -> None:
+    text = bench_mask_tier.main([*tiny_args, "--boxes", "2", "--image-size", "48", "64"])
+    assert "| edgetam |" in text and "| sam2.1-tiny |" in text
+
+
+def test_gpu_check_python_part_on_cpu(tiny_args: list[str]) -> None:
+    # FC-CLIP's random head is built at real size only (bench_rows.fcclip_checkpoint): not here
+    paths = [path for path in gpu_check.PATHS if path != "fcclip"]
+    argv = [*tiny_args, "--device", "cpu", "--dtypes", "float32", "--images", "1", "--paths"]
+    text = gpu_check.main([*argv, *paths])
+    for path in paths:
+        assert f"| {path} | float32 |" in text
+
+
+def test_gpu_check_refuses_to_start_without_cuda() -> None:
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    run = subprocess.run([str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no CUDA device" in run.stderr
+
+
+def test_index_scale_quick() -> None:
+    from bench import index_scale
+
+    text = index_scale.main(["--quick", "--no-save"])
+    table = [line for line in text.splitlines() if line.startswith("| 10000 |")]
+    assert len(table) == 1 + len(index_scale.DEFAULT_SPECS)  # exact, auto and two alternatives
+    assert "auto:memory_gb=" in table[1] and "ondisk=1" in table[3]
+    recalls = [float(line.split("|")[8]) for line in table[1:]]
+    assert all(0 < recall <= 1 for recall in recalls)
+    assert "| 1,000,000,000 |" in text  # the projection

@@ -218,8 +218,8 @@ def panoptic_inference(
         chunk_best, chunk_ids = (cur_scores[start : start + step, None, None] * chunk).max(0)
         binary = chunk >= 0.5
         # Summing bools as int32 is ~10x faster than the default int64 on CPU.
-        areas = binary.reshape(len(chunk), -1).sum(1, dtype=torch.int32)
-        original_area[start : start + len(chunk)] = areas.cpu().numpy()
+        chunk_area = binary.reshape(len(chunk), -1).sum(1, dtype=torch.int32)
+        original_area[start : start + len(chunk)] = chunk_area.cpu().numpy()
         chunk_own = binary.gather(0, chunk_ids[None]).squeeze(0)
         chunk_ids += start
         if start == 0:

@@ -28,7 +28,8 @@ from bench.common import (
     results_path,
     set_threads,
 )
-from retclip.database.index import IndexSpec, build_index, search_index
+from retclip.database.index import IndexSpec, search_index
+from retclip.database.index_build import build_index
 
 DIM = 768
 K = 10

@@ -5,12 +5,12 @@ from __future__ import annotations
 from retclip.database.index import (
     INDEX_TYPES,
     IndexSpec,
-    build_index,
     default_nlist,
     load_index,
     save_index,
     search_index,
 )
+from retclip.database.index_build import build_index, build_index_streaming
 from retclip.database.store import FORMAT_VERSION, DatabaseLabel, FeatureDatabase
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "FeatureDatabase",
     "IndexSpec",
     "build_index",
+    "build_index_streaming",
     "default_nlist",
     "load_index",
     "save_index",

@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import json
 import re
+import struct
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -246,6 +247,55 @@ def read_shard(
     ):
         raise DatabaseError(f"corrupt shard {path}: label ids outside the label table")
     return arrays
+
+
+def map_features(db_path: Path, meta: dict[str, Any], shard: dict[str, Any]) -> np.ndarray:
+    """The ``[n, D]`` features of one shard in the stored dtype, memory-mapped from the shard's
+    (uncompressed) npz rather than read, so a shard larger than memory can be streamed; checked
+    against ``meta`` like :func:`read_shard` (which reads a compressed member instead)."""
+    path = db_path / SHARD_DIR / shard["file"]
+    n, dim = shard["rows"], meta["dim"]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = archive.getinfo("features.npy")
+        if member.compress_type != zipfile.ZIP_STORED or n == 0:
+            return read_shard(db_path, meta, shard, ("features",))["features"]
+        with open(path, "rb") as handle:
+            handle.seek(member.header_offset)
+            local = handle.read(30)  # the member's local header: name and extra field lengths
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError("bad local header of features.npy")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            handle.seek(member.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        if shape != (n, dim) or dtype != np.dtype(meta["dtype"]) or fortran:
+            raise DatabaseError(
+                f"corrupt shard {path}: features has shape {shape} {dtype}, expected {n} rows"
+            )
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except FileNotFoundError:
+        raise DatabaseError(
+            f"shard {path} is missing (the database changed on disk; reopen it)"
+        ) from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise DatabaseError(f"corrupt shard {path}: {error}") from None
+
+
+def iter_features(db_path: Path, meta: dict[str, Any], block_rows: int) -> Iterator[np.ndarray]:
+    """The features of the snapshot ``meta`` in row order, as blocks ``[<= block_rows, D]`` of
+    the stored dtype, one shard mapped at a time (:func:`map_features`)."""
+    for shard in meta["shards"]:
+        features = map_features(db_path, meta, shard)
+        for start in range(0, len(features), block_rows):
+            yield features[start : start + block_rows]
+        del features
 
 
 def read_rows(db_path: Path, meta: dict[str, Any]) -> ShardRows:

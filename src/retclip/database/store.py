@@ -52,12 +52,14 @@ other processes become visible when it is reopened or writes itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,7 +69,16 @@ import faiss
 import numpy as np
 
 from retclip.backbones.base import BackboneFingerprint
-from retclip.database.index import IndexSpec, build_index, load_index, save_index, search_index
+from retclip.database.index import (
+    IndexSpec,
+    load_index,
+    move_ondisk_file,
+    ondisk_file,
+    save_index,
+    search_index,
+)
+from retclip.database.index_build import build_index_streaming
+from retclip.database.index_recall import DEFAULT_KS, RecallReport, evaluate_recall
 from retclip.database.shards import (
     DTYPES,
     FORMAT_VERSION,
@@ -80,6 +91,7 @@ from retclip.database.shards import (
     ShardRows,
     check_shard_files,
     column,
+    iter_features,
     locked,
     merge_completed,
     read_meta,
@@ -384,8 +396,10 @@ class FeatureDatabase:
             "index": {
                 **spec.to_dict(),
                 "text": str(spec),
+                "resolved": str(spec.resolve(self.num_rows, self.dim)),
                 "persisted": self._record_is_current(record, spec)
-                and (self._path / INDEX_NAME).is_file(),
+                and (self._path / INDEX_NAME).is_file()
+                and all((self._path / name).is_file() for name in _ondisk_names(record)),
             },
             "shards": len(meta["shards"]),
             "bytes": sum(s["bytes"] for s in meta["shards"]),
@@ -710,13 +724,14 @@ class FeatureDatabase:
         spec.check_dim(self.dim)
         with self._writing() as meta:
             meta["index"] = spec.to_dict()
-            exact = spec.resolve(int(meta["rows"])).type == "flat"
+            exact = spec.resolve(int(meta["rows"]), self.dim).type == "flat"
             drop_file = exact and meta.get("index_file") is not None
             if drop_file:
                 meta["index_file"] = None
             write_meta(self._path, meta)
             if drop_file:
                 (self._path / INDEX_NAME).unlink(missing_ok=True)
+                self._remove_ondisk_files(keep=())
         self._refresh(meta)
         return meta
 
@@ -758,13 +773,18 @@ class FeatureDatabase:
             return None
         path = self._path / INDEX_NAME
         problem = None
+        ondisk = record.get("ondisk")
         if not path.is_file():
             problem = "is missing"
         elif file_sha256(path) != record.get("sha256"):
             problem = f"does not match its sha256 in {META_NAME} (corrupt)"
+        elif ondisk is not None and not (self._path / ondisk["file"]).is_file():
+            problem = f"lacks its inverted lists {ondisk['file']}"
+        elif ondisk is not None and file_sha256(self._path / ondisk["file"]) != ondisk["sha256"]:
+            problem = f"has inverted lists {ondisk['file']} that do not match their sha256"
         else:
-            try:
-                index = load_index(path)
+            try:  # memory-mapped: served from the page cache, shared between processes
+                index = load_index(path, mmap=True)
             except DatabaseError:
                 problem = "is unreadable (corrupt)"
             else:
@@ -785,6 +805,7 @@ class FeatureDatabase:
             with self._writing() as meta:
                 if meta["generation"] != generation:
                     return
+                ondisk = self._place_ondisk_lists(index, generation)
                 digest = save_index(index, self._path / INDEX_NAME)
                 meta["index_file"] = {
                     "file": INDEX_NAME,
@@ -793,8 +814,10 @@ class FeatureDatabase:
                     "rows": int(index.ntotal),
                     "bytes": (self._path / INDEX_NAME).stat().st_size,
                     "sha256": digest,
+                    **({"ondisk": ondisk} if ondisk else {}),
                 }
                 write_meta(self._path, meta)
+                self._remove_ondisk_files(keep=_ondisk_names(meta["index_file"]))
             self._refresh(meta)
         except DatabaseError as error:  # _writing turns file-system errors into DatabaseError
             if required:
@@ -807,17 +830,88 @@ class FeatureDatabase:
         An ``auto`` spec is resolved for the current row count first, so a database that grows
         past the exact-search limit switches to an approximate index at its next search.
         """
-        spec = self.index_spec.resolve(self.num_rows)
+        spec = self.index_spec.resolve(self.num_rows, self.dim)
         key = (self.generation, json.dumps(spec.build_params(), sort_keys=True))
         if self._index is not None and self._index_key == key:
             return self._index
         index = self._load_persisted_index(spec)
         if index is None:
-            index = build_index(self.features(), spec)
+            index = self._build_index(spec)
             if spec.type != "flat":
                 self._persist_index(index, spec, key[0], required=persist_required)
         self._index, self._index_key = index, key
         return index
+
+    def _feature_blocks(self) -> Iterator[np.ndarray]:
+        """The features in row order, ``[<= 65536, D]`` blocks of the stored dtype, one shard
+        memory-mapped at a time: what an index is built from, never all rows in memory."""
+        return iter_features(self._path, self._meta, 65_536)
+
+    def _build_index(self, spec: IndexSpec) -> faiss.Index:
+        """Build the index of the concrete ``spec`` from the shards (streaming). An ``ondisk``
+        index keeps its lists in a build folder in the database (moved beside ``index.faiss``
+        when persisted; removed with the index object otherwise); on a read-only database it is
+        built in memory, with a warning."""
+        build_dir = None
+        if spec.ondisk and os.access(self._path, os.W_OK):
+            for stale in self._path.glob(f"{_BUILD_PREFIX}*"):  # left by a crashed build
+                if not _pid_alive(stale.name.removeprefix(_BUILD_PREFIX).split("-")[0]):
+                    shutil.rmtree(stale, ignore_errors=True)
+            prefix = f"{_BUILD_PREFIX}{os.getpid()}-"
+            build_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=self._path))
+        elif spec.ondisk:
+            warnings.warn(
+                f"database {self._path} is read-only: building its on-disk index in memory",
+                stacklevel=4,
+            )
+        try:
+            index = build_index_streaming(
+                self._feature_blocks,
+                self.num_rows,
+                self.dim,
+                spec,
+                ondisk_path=None if build_dir is None else build_dir / "lists.ivfdata",
+            )
+        except BaseException:
+            if build_dir is not None:
+                shutil.rmtree(build_dir, ignore_errors=True)
+            raise
+        if build_dir is not None:  # gone with the index, or now if it was persisted
+            weakref.finalize(index, shutil.rmtree, build_dir, True)
+        return index
+
+    def _place_ondisk_lists(self, index: faiss.Index, generation: int) -> dict[str, Any] | None:
+        """Move an on-disk index's list file beside ``index.faiss`` under a fresh name (a reader
+        may still map the previous one); its meta.json record, or ``None`` for other indexes."""
+        source = ondisk_file(index)
+        if source is None:
+            return None
+        target = self._path / f"index-{generation}-{uuid.uuid4().hex[:12]}{_ONDISK_SUFFIX}"
+        if source != target:
+            move_ondisk_file(index, target)
+            with contextlib.suppress(OSError):
+                source.parent.rmdir()  # the build folder, now empty
+        return {"file": target.name, "bytes": target.stat().st_size, "sha256": file_sha256(target)}
+
+    def _remove_ondisk_files(self, keep: Iterable[str]) -> None:
+        """Delete on-disk list files of earlier indexes (under the writer lock; a process that
+        still maps one keeps reading it until it lets go)."""
+        kept = set(keep)
+        for path in self._path.glob(f"index-*{_ONDISK_SUFFIX}"):
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
+
+    def evaluate_index(
+        self, *, sample: int = 1000, ks: Sequence[int] = DEFAULT_KS, seed: int = 0
+    ) -> RecallReport:
+        """Recall@k of the current index against exact search, on ``sample`` rows of the
+        database drawn with ``seed`` (each row's own match left out; exact search streams the
+        shards). See :func:`~retclip.database.index_recall.evaluate_recall`."""
+        index = self._ensure_index()
+        return evaluate_recall(
+            index, self.index_spec, self._feature_blocks, self.num_rows,
+            sample=sample, ks=ks, seed=seed,
+        )  # fmt: skip
 
     def search(
         self,
@@ -875,6 +969,28 @@ class FeatureDatabase:
                 mask = None
         index = self._ensure_index()
         return search_index(index, self.index_spec, q, k, mask)
+
+
+#: Build folders of on-disk indexes (``.index-build-<pid>-*``) and their list files' suffix.
+_BUILD_PREFIX = ".index-build-"
+_ONDISK_SUFFIX = ".ivfdata"
+
+
+def _ondisk_names(record: Any) -> tuple[str, ...]:
+    """The on-disk list file a persisted index record names (none for an in-memory index)."""
+    ondisk = record.get("ondisk") if isinstance(record, dict) else None
+    return (ondisk["file"],) if isinstance(ondisk, dict) else ()
+
+
+def _pid_alive(text: str) -> bool:
+    """Whether ``text`` is the id of a running process (a build folder's owner)."""
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _create_in_place(db_path: Path, meta: dict[str, Any]) -> bool:

@@ -1,0 +1,306 @@
+"""Building FAISS indexes from features that need not fit in memory.
+
+:func:`build_index_streaming` takes a callable that yields the features ``[n_i, D]`` block by
+block, in row order (a database's shards, read one at a time), and never holds more than one
+block and the training sample as float32:
+
+1. the spec becomes a FAISS index-factory string (:meth:`IndexSpec.factory_string`) and an empty
+   index (``faiss.index_factory``);
+2. it is trained on a seeded sample of rows (:func:`training_rows`: FAISS's 30-256 points per IVF
+   list, here 64, at least 39 and at most :data:`TRAIN_MAX_ROWS` unless 39 a list need more), with
+   FAISS's two-level k-means (``faiss.contrib.clustering``) for large list counts;
+3. rows are added block by block; or, with ``ondisk``, each run of :data:`PART_ROWS` rows is added
+   to its own copy of the trained index, written out, and the parts are merged into one on-disk
+   inverted-list file (``faiss.contrib.ondisk.merge_ondisk``, FAISS's ``OnDiskInvertedLists``).
+   Parts can come from several workers (:func:`index_part` on each, :func:`merge_parts` once).
+
+:func:`build_index` is the same over an in-memory ``[R, D]`` array.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from faiss.contrib.clustering import two_level_clustering
+
+from retclip.database.index import (
+    MIN_POINTS_PER_CENTROID,
+    TRAIN_SEED,
+    IndexSpec,
+    configure_search,
+    faiss_message,
+)
+from retclip.errors import InputError
+
+#: A callable yielding the features ``[n_i, D]`` block by block, in row order, on each call.
+Blocks = Callable[[], Iterable[np.ndarray]]
+
+#: Training points per IVF list (FAISS recommends 30-256).
+TRAIN_POINTS_PER_LIST = 64
+#: Training rows for codes without IVF lists (PQ codebooks train on at most 256 points a code).
+TRAIN_MIN_ROWS = 65_536
+#: Cap on the training sample, unless 39 points a list need more.
+TRAIN_MAX_ROWS = 1 << 20
+#: From this many lists the coarse quantiser trains by FAISS's two-level k-means (sqrt(nlist)
+#: clusters, then each split): ~sqrt(nlist)/2 times less work, slightly looser centroids.
+TWO_LEVEL_MIN_NLIST = 8192
+#: Rows converted to float32 at a time while adding.
+BLOCK_ROWS = 65_536
+#: Rows per part of an on-disk build (each part holds its codes in memory until written).
+PART_ROWS = 1 << 20
+
+
+def build_index(features: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    """Build an inner-product index over unit ``features`` ``[R, D]``; row ``i`` gets id ``i``.
+
+    Trained on a seeded sample of the rows (:func:`training_rows`). With too few rows to train an
+    IVF index, a flat (exact) index is built instead, with a warning.
+    """
+    array = np.asarray(features)
+    if array.ndim != 2:
+        raise InputError(f"index features have shape {array.shape}; expected [N, D]")
+    return build_index_streaming(lambda: [array], array.shape[0], array.shape[1], spec)
+
+
+def training_rows(index: faiss.Index, rows: int) -> int:
+    """How many of ``rows`` rows train ``index`` (:func:`training_sample_size`)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return training_sample_size(0 if ivf is None else int(ivf.nlist), rows)
+
+
+def training_sample_size(nlist: int, rows: int) -> int:
+    """Training rows for ``nlist`` IVF lists (0: none) out of ``rows``: 64 a list within
+    [39 a list, :data:`TRAIN_MAX_ROWS`], at least :data:`TRAIN_MIN_ROWS`, at most ``rows``."""
+    per_list = min(TRAIN_POINTS_PER_LIST * nlist, TRAIN_MAX_ROWS)
+    return min(rows, max(TRAIN_MIN_ROWS, MIN_POINTS_PER_CENTROID * nlist, per_list))
+
+
+def sample_ids(rows: int, count: int, seed: int) -> np.ndarray:
+    """``count`` distinct row ids of ``rows``, sorted, drawn with ``seed``."""
+    if count >= rows:
+        return np.arange(rows, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(rows, count, replace=False))
+
+
+def gather_rows(blocks: Blocks, ids: np.ndarray, dim: int) -> np.ndarray:
+    """The rows ``ids`` (sorted) of the blocks, ``[len(ids), D]`` float32, in one pass."""
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    start = filled = 0
+    for block in blocks():
+        n = len(block)
+        stop = int(np.searchsorted(ids, start + n))
+        if stop > filled:
+            out[filled:stop] = block[ids[filled:stop] - start]
+            filled = stop
+        start += n
+    if filled != len(ids):
+        raise ValueError(f"the blocks hold {start} rows; row {ids[filled]} was asked for")
+    return out
+
+
+def float_blocks(blocks: Blocks, block_rows: int = BLOCK_ROWS) -> Iterator[np.ndarray]:
+    """The blocks as contiguous float32 ``[n, D]`` of at most ``block_rows`` rows (slices of large
+    blocks, so only one converted block is alive at a time)."""
+    for block in blocks():
+        for start in range(0, len(block), block_rows):
+            yield np.ascontiguousarray(block[start : start + block_rows], dtype=np.float32)
+
+
+def _seed(index: faiss.Index) -> None:
+    """Fix the seeds of every k-means an index trains (IVF lists, PQ codebooks)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        _seed(index.index)
+    if isinstance(index, faiss.IndexRefine):
+        _seed(index.base_index)
+    if isinstance(index, faiss.IndexIVF):
+        index.cp.seed = TRAIN_SEED
+    pq = getattr(index, "pq", None)
+    if pq is not None:
+        pq.cp.seed = TRAIN_SEED
+
+
+def _train(target: faiss.Index, x: np.ndarray) -> None:
+    """Train ``target`` on ``x`` ``[n, D]``; a large IVF quantiser by two-level k-means."""
+    index: Any = faiss.downcast_index(target)
+    if isinstance(index, faiss.IndexPreTransform):
+        chain: Any = index.chain
+        for i in range(chain.size()):
+            transform = chain.at(i)
+            transform.train(x)
+            x = transform.apply(x)
+        _train(index.index, x)
+        index.is_trained = True
+        return
+    if isinstance(index, faiss.IndexRefine):
+        _train(index.base_index, x)
+        index.refine_index.train(x)
+        index.is_trained = True
+        return
+    if (
+        isinstance(index, faiss.IndexIVF)
+        and index.nlist >= TWO_LEVEL_MIN_NLIST
+        and index.quantizer.ntotal == 0
+    ):
+        centroids, _ = two_level_clustering(
+            x,
+            int(math.sqrt(index.nlist)),
+            int(index.nlist),
+            clustering_niter=int(index.cp.niter),
+            seed=int(index.cp.seed),
+            spherical=bool(index.cp.spherical),
+        )
+        index.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    index.train(x)  # IVF: only the codes when the quantiser already holds nlist centroids
+
+
+def _empty_index(spec: IndexSpec, rows: int, dim: int) -> faiss.Index | None:
+    """The untrained index of a concrete ``spec`` for ``rows`` rows, or ``None`` (with a warning)
+    where the rows are too few to train its IVF lists or PQ codebooks."""
+    index = faiss.index_factory(dim, spec.factory_string(rows), faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    needs = max(MIN_POINTS_PER_CENTROID, 2**spec.pq_bits if spec.type == "ivf-pq" else 0)
+    if spec.type == "factory":
+        needs = int(ivf.nlist) if ivf is not None else 0  # FAISS warns below 39 a list
+    elif ivf is None:
+        needs = 0
+    if rows < needs:
+        if rows:
+            _warn_exact(f"{rows} rows are too few to train index {spec} (needs >= {needs})")
+        return None
+    if spec.nlist is not None and ivf is not None and ivf.nlist < spec.nlist:
+        warnings.warn(
+            f"{rows} rows train at most {ivf.nlist} IVF lists (39 points each); using "
+            f"nlist={ivf.nlist} instead of {spec.nlist}",
+            stacklevel=3,
+        )
+    if spec.type == "hnsw":
+        hnsw: Any = index
+        hnsw.hnsw.efConstruction = spec.ef_construction
+    _seed(index)
+    return index
+
+
+def _warn_exact(reason: str) -> None:
+    warnings.warn(f"{reason}; using an exact flat index instead", stacklevel=4)
+
+
+def build_index_streaming(
+    blocks: Blocks,
+    rows: int,
+    dim: int,
+    spec: IndexSpec,
+    *,
+    ondisk_path: Path | None = None,
+    part_rows: int = PART_ROWS,
+) -> faiss.Index:
+    """Build the index of ``spec`` (``auto`` resolved for ``rows``) over the ``rows`` rows that
+    ``blocks`` yields (``[n_i, dim]``, any float dtype, read twice: sample, then add).
+
+    Args:
+        ondisk_path: where an ``ondisk`` IVF index keeps its inverted lists (the index records
+            this file; :func:`~retclip.database.index.move_ondisk_file` moves it). Part files are
+            written beside it and removed. Without it an ``ondisk`` spec is built in memory.
+        part_rows: rows per part of an on-disk build.
+
+    Returns:
+        The index with ``spec``'s search settings; row ``i`` has id ``i``.
+    """
+    spec = spec.resolve(rows, dim).check_dim(dim)
+    index = _empty_index(spec, rows, dim)
+    if index is not None and not index.is_trained:
+        sample = gather_rows(blocks, sample_ids(rows, training_rows(index, rows), TRAIN_SEED), dim)
+        try:
+            _train(index, sample)
+        except RuntimeError as error:  # e.g. fewer rows than a PQ codebook's codes
+            _warn_exact(f"index {spec} cannot be trained on {rows} rows ({faiss_message(error)})")
+            index = None
+        del sample
+    if index is None:
+        index, spec = faiss.IndexFlatIP(dim), IndexSpec("flat")
+    if spec.ondisk and ondisk_path is not None:
+        part_dir = Path(tempfile.mkdtemp(prefix=".parts-", dir=ondisk_path.parent))
+        try:
+            parts = []
+            for number, part in enumerate(index_parts(index, blocks, part_rows)):
+                parts.append(part_dir / f"{number:05d}.faiss")
+                faiss.write_index(part, str(parts[-1]))
+                del part
+            merge_parts(index, parts, ondisk_path)
+        finally:
+            for path in part_dir.iterdir():
+                path.unlink()
+            part_dir.rmdir()
+    else:
+        for block in float_blocks(blocks):
+            index.add(block)
+    if int(index.ntotal) != rows:
+        raise ValueError(f"the blocks held {index.ntotal} rows; {rows} were announced")
+    configure_search(index, spec)
+    return index
+
+
+def index_part(trained: faiss.Index, features: np.ndarray, first_id: int) -> faiss.Index:
+    """A copy of the empty ``trained`` IVF index holding ``features`` ``[n, D]`` as rows
+    ``first_id ..`` (what one worker of a distributed build returns, or writes to a file)."""
+    part = faiss.clone_index(trained)
+    ids = np.arange(first_id, first_id + len(features), dtype=np.int64)
+    part.add_with_ids(np.ascontiguousarray(features, dtype=np.float32), ids)
+    return part
+
+
+def index_parts(trained: faiss.Index, blocks: Blocks, part_rows: int) -> Iterator[faiss.Index]:
+    """The blocks' rows in consecutive parts of about ``part_rows`` rows (:func:`index_part`)."""
+    start, part = 0, None
+    for block in float_blocks(blocks):
+        if part is None:
+            part = index_part(trained, block, start)
+        else:
+            part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+        start += len(block)
+        if part.ntotal >= part_rows:
+            yield part
+            part = None
+    if part is not None:
+        yield part
+
+
+def merge_parts(trained: faiss.Index, parts: Sequence[Path], ondisk_path: Path) -> None:
+    """Merge the part files (indexes of disjoint row ids, each a copy of ``trained``) into
+    ``trained``'s inverted lists, kept on disk in ``ondisk_path`` (FAISS's ``OnDiskInvertedLists``;
+    the parts are read memory-mapped, so together they need not fit in memory either). This is
+    ``faiss.contrib.ondisk.merge_ondisk``, holding the parts only while it merges."""
+    ivf: Any = faiss.extract_index_ivf(trained)
+    if trained.ntotal:
+        raise ValueError("merge_parts needs the empty trained index")
+    loaded = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in parts]
+    sources: Any = getattr(faiss, "InvertedListsPtrVector")()  # noqa: B009 (not in faiss's stubs)
+    for part in loaded:
+        sources.push_back(faiss.extract_index_ivf(part).invlists)
+    lists: Any = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(ondisk_path))
+    ntotal = lists.merge_from_multiple(sources.data(), sources.size(), False)
+    trained.ntotal = ivf.ntotal = ntotal
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    del sources, loaded
+
+
+__all__ = [
+    "Blocks",
+    "build_index",
+    "build_index_streaming",
+    "gather_rows",
+    "index_part",
+    "index_parts",
+    "merge_parts",
+    "sample_ids",
+    "training_rows",
+    "training_sample_size",
+]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,6 +209,28 @@ def test_a_build_killed_on_a_two_node_cluster_resumes_to_the_same_rows(
 
 def items_of(world: Path) -> list[BuildItem]:
     return items_from_dataset(CocoPanopticDataset(world / "panoptic_db.json", world / "images"))
+
+
+def test_an_unreadable_image_is_one_error_line_after_the_batches_before_it(
+    local_ray, world, tmp_path
+) -> None:
+    """As in one process: the batches before the bad image are committed, then one line names
+    it (the worker's error travels back as a result)."""
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    bad = sorted((copy / "images").glob("db_*.png"))[5]
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    result = invoke(
+        "db", "build", tmp_path / "db", "--backbone", "toy",
+        "--coco-panoptic", copy / "panoptic_db.json", "--images", copy / "images",
+        "--batch-size", BATCH, "--device", "cpu", "--ray", "--workers", 1,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and bad.name in errors[0] and "Traceback" not in result.output
+    db = FeatureDatabase.open(tmp_path / "db")
+    (build_id,) = db.info()["build_ids"]
+    assert len(db.completed_sources(build_id)) == BATCH
 
 
 def test_eval_on_ray_writes_the_single_process_cache_and_resumes(

@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import math
 import pickle
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -236,7 +236,7 @@ def _stream(
     setup: Callable[[], Run],
     *,
     ordered: bool,
-) -> Iterator[tuple[int, Any]]:
+) -> Generator[tuple[int, Any], None, None]:
     """``(position, result)`` of each task through decode → model stage.
 
     Input errors are yielded as results (exceptions), at their position; with ``ordered`` the
@@ -347,8 +347,9 @@ def build_database_on_ray(
     with (
         ray_session(cluster) as (ray, resources),
         tqdm(total=len(todo), unit="img", desc="db build (ray)", disable=not progress) as bar,
+        contextlib.closing(_stream(ray, resources, todo, setup, ordered=True)) as results,
     ):
-        for position, result in _stream(ray, resources, todo, setup, ordered=True):
+        for position, result in results:
             waiting[position] = result
             while done in waiting:  # item order, whatever order results arrive in
                 part = waiting.pop(done)
@@ -413,8 +414,9 @@ def run_model_on_ray(
     with (
         ray_session(cluster) as (ray, resources),
         tqdm(total=len(todo), desc="segment (ray)", unit="img", disable=not progress) as bar,
+        contextlib.closing(_stream(ray, resources, tasks, setup, ordered=False)) as results,
     ):
-        for position, result in _stream(ray, resources, tasks, setup, ordered=False):
+        for position, result in results:
             if isinstance(result, BaseException):
                 raise result
             proposals, scores = result

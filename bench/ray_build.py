@@ -1,0 +1,253 @@
+"""Distributed database build on Ray: throughput with 1 vs 2 workers, a per-stage profile, and
+the single writer's commit cost as the database grows.
+
+Toy-world images (96 px scenes with their ground-truth masks, ``gt`` proposer) feed
+``build_database_on_ray`` on a local Ray started once for the script; the backbone is a bench
+model with random weights (``clip-b16`` by default, built and saved on first use) or ``toy``.
+Each worker is a Ray actor holding one CPU (one torch thread). Reported per worker count: the
+wall time of a build, of a start-up build (one image per worker: actors started, models loaded),
+and from the two the rate once running (medians of interleaved runs). The per-stage profile
+times the per-image function the workers run (``image_rows``) in a single-process build,
+interleaved with the Ray runs, by wrapping library functions from outside (``StageTimer``); the
+driver's commits are timed in the Ray runs too. The commit table times one commit of a batch
+into a database that already lists S completed images (``meta.json`` grows with S and every
+commit rewrites it): the rate one writer can sustain.
+
+    OMP_NUM_THREADS=1 python -m bench.ray_build --images 48 --workers 1 2
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+import retclip.database.build as build_module
+from bench.common import (
+    StageTimer,
+    base_parser,
+    markdown_table,
+    median,
+    report,
+    results_path,
+    set_threads,
+)
+from bench.models import model_dir
+from retclip.backbones.base import BackboneFingerprint
+from retclip.database import FeatureDatabase
+from retclip.database.build import BuildItem, build_database, items_from_dataset
+from retclip.datasets import CocoPanopticDataset
+from retclip.distributed import RayCluster, build_database_on_ray
+from retclip.pipeline import ModelSpec
+from retclip.toyworld.dataset import write_split
+
+STAGES = ("decode", "proposer", "backbone", "pooling", "commit")
+
+
+def _spec(args, world: tuple[Path, Path]) -> ModelSpec:
+    backbone = "toy" if args.backbone == "toy" else str(model_dir(args.backbone, args.size))
+    options = {"resolution": args.resolution} if args.resolution else {}
+    return ModelSpec(backbone=backbone, proposer="gt", gt_json=world[0], device="cpu", **options)
+
+
+def _new_db(path: Path, spec: ModelSpec) -> FeatureDatabase:
+    backbone = spec.load_backbone()
+    return FeatureDatabase.create(path, fingerprint=backbone.fingerprint, dim=backbone.dim)
+
+
+def _idle_cores(seconds: float = 2.0) -> float:
+    """Cores the machine left idle over ``seconds`` (``/proc/stat``): how much of it other work
+    took, which the workers' throughput depends on."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _distributed_run(
+    root: Path, spec: ModelSpec, items: Sequence[BuildItem], workers: int, batch: int
+) -> dict[str, float]:
+    """One distributed build into a fresh database: wall s, driver commit s per image."""
+    backbone, proposer = spec.load()
+    assert proposer is not None
+    db = _new_db(Path(tempfile.mkdtemp(dir=root)) / "db", spec)
+    timer = StageTimer()
+    start, cpu = time.perf_counter(), time.process_time()
+    with timer.patch([("commit", db, "add")]):
+        build_database_on_ray(
+            db, backbone, proposer, items, load_models=spec.load,
+            cluster=RayCluster(workers=workers), build_id="bench", batch_size=batch,
+            progress=False,
+        )  # fmt: skip
+    return {
+        "wall": time.perf_counter() - start,
+        "commit": timer.seconds["commit"] / len(items),
+        "driver cpu": (time.process_time() - cpu) / len(items),
+    }
+
+
+def _stage_profile(
+    path: Path, spec: ModelSpec, models: tuple, items: Sequence[BuildItem], batch: int
+) -> dict[str, float]:
+    """Seconds per image of each stage of a single-process build (and ``total``)."""
+    backbone, proposer = models
+    db = _new_db(path, spec)
+    timer = StageTimer()
+    targets = [
+        ("decode", build_module, "load_image"),
+        ("proposer", proposer, "propose"),
+        ("backbone", backbone, "encode_images"),
+        ("pooling", backbone, "embed_segments"),
+        ("commit", db, "add"),
+    ]
+    start = time.perf_counter()
+    with timer.patch(targets):
+        build_database(db, backbone, proposer, items, build_id="profile", batch_size=batch,
+                       decode_workers=1, progress=False)  # fmt: skip
+    total = time.perf_counter() - start
+    return {**{stage: timer.seconds[stage] / len(items) for stage in STAGES},
+            "total": total / len(items)}  # fmt: skip
+
+
+def _commit_cost(root: Path, sizes: Sequence[int], batch: int, rows_per_image: int) -> list[list]:
+    """Seconds of one commit of ``batch`` images into a database listing S completed images."""
+    dim = 768
+    rng = np.random.default_rng(0)
+    db = FeatureDatabase.create(root / "commits", fingerprint=BackboneFingerprint("bench"), dim=dim)
+    done = 0
+    out = []
+
+    def commit(first: int, images: int, rows_each: int = rows_per_image) -> float:
+        sources = [f"/data/open-images/train/{first + i:012d}.jpg" for i in range(images)]
+        rows = [s for s in sources for _ in range(rows_each)]
+        features = rng.standard_normal((len(rows), dim)).astype(np.float32)
+        start = time.perf_counter()
+        db.add(features, [f"class{i % 600}" for i in range(len(rows))], sources=rows,
+               build_id="bench", completed_sources=sources)  # fmt: skip
+        return time.perf_counter() - start
+
+    for size in sizes:
+        while done < size:  # grow in large commits of a row an image (not what is measured)
+            step = min(size - done, 5000)
+            commit(done, step, rows_each=1)
+            done += step
+        seconds = [commit(done + i * batch, batch) for i in range(3)]
+        done += 3 * batch
+        meta = (db.path / "meta.json").stat().st_size
+        cost = median(seconds)
+        out.append([size, batch, cost, batch / cost, meta / 2**20])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch-size", type=int, default=8, help="images per commit")
+    parser.add_argument("--backbone", default="clip-b16", help="a bench model name, or toy")
+    parser.add_argument("--resolution", type=int, help="backbone input short side")
+    parser.add_argument(
+        "--commit-sizes", type=int, nargs="*", default=[1000, 10000, 100000],
+        help="completed images already in the database, for the commit table",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="retclip-bench-ray-") as tmp:
+        root = Path(tmp)
+        world = write_split(root / "world", "db", args.images, seed=0)
+        items = items_from_dataset(CocoPanopticDataset(*world))
+        spec = _spec(args, world)
+        started = not ray.is_initialized()  # a Ray the caller started is reused
+        if started:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     logging_level="warning")  # fmt: skip
+        models = spec.load()  # the single-process runs' models, warmed up on one image
+        build_database(_new_db(root / "warm", spec), *models, items[:1], build_id="warm",
+                       progress=False)  # fmt: skip
+        try:
+            widest = max(args.workers)  # warm-up: Ray's worker processes, file caches
+            _distributed_run(root, spec, items[:widest], widest, args.batch_size)
+            idle = [_idle_cores()]
+            runs: dict[tuple[int, int], list[dict[str, float]]] = {}
+            profiles: list[dict[str, float]] = []
+            for repeat in range(args.repeats):  # interleaved: 1, 2, one process, 1, 2, ...
+                for workers in args.workers:
+                    for n in (workers, len(items)):  # a start-up run, one image a worker
+                        run = _distributed_run(root, spec, items[:n], workers, args.batch_size)
+                        runs.setdefault((workers, n), []).append(run)
+                path = root / f"profile-{repeat}"
+                profiles.append(_stage_profile(path, spec, models, items, args.batch_size))
+            idle.append(_idle_cores())
+        finally:
+            if started:
+                ray.shutdown()
+        stages = {stage: median([p[stage] for p in profiles]) for stage in STAGES}
+        single = median([p["total"] for p in profiles])
+        commits = _commit_cost(root, args.commit_sizes, args.batch_size, rows_per_image=8)
+    throughput = []
+    base = None
+    for workers in args.workers:
+        full = median([r["wall"] for r in runs[workers, len(items)]])
+        short = median([r["wall"] for r in runs[workers, workers]])
+        rate = (len(items) - workers) / (full - short)  # images/s once the actors are up
+        base = base or rate
+        commit = median([r["commit"] for r in runs[workers, len(items)]])
+        driver = median([r["driver cpu"] for r in runs[workers, len(items)]])
+        throughput.append([workers, full, short, len(items) / full, rate, rate / base,
+                           1e3 * commit, 1e3 * driver])  # fmt: skip
+    throughput.append(["1 process (no Ray)", single * len(items), "–", 1 / single, 1 / single,
+                       1 / single / (base or 1), 1e3 * stages["commit"], "–"])  # fmt: skip
+    accounted = sum(stages.values())
+    profile = [[stage, 1e3 * s, 100 * s / single] for stage, s in stages.items()]
+    profile.append(["other", 1e3 * (single - accounted), 100 * (single - accounted) / single])
+    profile.append(["total", 1e3 * single, 100.0])
+    notes = (
+        f"{args.images} toy-world images (96×96, ground-truth masks, {len(items)} items), "
+        f"backbone {args.backbone} "
+        + ("(the shipped toy model" if args.backbone == "toy" else f"({args.size}, random weights")
+        + (f", resolution {args.resolution}" if args.resolution else "")
+        + f"), {args.batch_size} images per commit; Ray {ray.__version__}, one CPU per worker; "
+        f"medians of {args.repeats} interleaved runs. Idle cores (/proc/stat, 2 s) before the "
+        f"runs: {idle[0]:.2f} of {os.cpu_count()}, after: {idle[-1]:.2f}: other work on the "
+        "machine takes cores from the workers, and 2 workers can only beat 1 with a second "
+        "free core. "
+        "'start-up s': a build of one image per worker (actors started, models loaded); "
+        "'images/s (running)': the rate once running, (images − workers) / (wall − start-up). "
+        "'driver CPU': the driver process's CPU time per image (Ray Data's executor, "
+        "unpickling results, commits). '1 process': build_database without Ray, interleaved "
+        "with the Ray runs; its stage profile times the per-image function the workers run. "
+        "Commit table: 8 rows per image, dim 768."
+    )
+    headers = {
+        "throughput": ["workers", "wall s", "start-up s", "images/s (wall)",
+                       "images/s (running)", "× 1 worker", "driver commit ms / image",
+                       "driver CPU ms / image"],
+        "commits": ["completed images S", "images per commit", "commit s", "images/s one writer",
+                    "meta.json MiB"],
+    }  # fmt: skip
+    return report(
+        "Distributed build on Ray: 1 vs 2 workers, stages, commit cost",
+        [
+            markdown_table(headers["throughput"], throughput),
+            markdown_table(["stage", "ms / image", "% of one process"], profile),
+            markdown_table(headers["commits"], commits),
+        ],
+        results=results_path(args),
+        notes=notes,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -117,3 +117,11 @@ def test_index_scale_quick() -> None:
     recalls = [float(line.split("|")[8]) for line in table[1:]]
     assert all(0 < recall <= 1 for recall in recalls)
     assert "| 1,000,000,000 |" in text  # the projection
+
+
+def test_rows(tiny_args: list[str]) -> None:
+    from bench import bench_rows
+
+    argv = [*tiny_args, "--rows", "gt-clip-b16", "gdino-sam-clip-b16", "--image-size", "48", "64"]
+    text = bench_rows.main([*argv, "--db-rows", "200", "--boxes", "3", "--gt-masks", "4"])
+    assert "| gt-clip-b16 |" in text and "| gdino-sam-clip-b16 |" in text

@@ -59,7 +59,8 @@ __all__ = ["RayCluster", "build_database_on_ray", "ray_session", "run_model_on_r
 
 #: The Python modules of the ``ray`` extra.
 RAY_MODULES = ("ray", "pyarrow")
-#: Model-stage calls of one image each; a block (the unit Ray retries) holds up to this many.
+#: Images per Ray Data block (what Ray retries when a worker dies), once there are four blocks
+#: per worker to share out.
 BLOCK_IMAGES = 16
 #: Model workers one decode task serves.
 DECODE_SHARE = 4

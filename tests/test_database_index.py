@@ -296,6 +296,7 @@ def test_factory_specs_parse_and_round_trip() -> None:
         ("factory:IDMap,Flat", "IDMap is not needed"),
         ("factory:IVF16,Flat,nprob=2", "could not set parameter nprob"),
         ("factory:HNSW16,ondisk=1", "ondisk=1 needs an IVF index"),
+        ("factory:IVF16,Flat,RFlat,ondisk=1", "ondisk=1 needs an IVF index"),
     ],
 )
 def test_bad_factory_specs_are_refused_for_the_dimension(text: str, message: str) -> None:

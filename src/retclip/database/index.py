@@ -47,6 +47,9 @@ AUTO_LARGE_NLIST = ((10_000_000, 65_536), (100_000_000, 262_144), (None, 1_048_5
 #: ``auto`` probes ``nlist // AUTO_NPROBE_DIVISOR`` lists, within these bounds.
 AUTO_NPROBE_DIVISOR = 256
 AUTO_NPROBE_RANGE = (16, 256)
+#: ``auto``'s HNSW coarse quantiser searches at least this wide (and 2 nprobe): clustered
+#: 768-d queries miss their nearest centroids at FAISS's default 16.
+AUTO_QUANTIZER_EF_SEARCH = 128
 #: A restricted search probes at most this many times the lists / candidates of a full one.
 MAX_RESTRICTED_WIDENING = 16.0
 
@@ -168,15 +171,19 @@ class IndexSpec:
                     "allowed rows (retrieval keeps to the vocabulary's labels); use a Flat, SQ, "
                     "HNSW or IVF structure (optionally with PCA/OPQ or a refinement)"
                 )
-            if self.ondisk and faiss.try_extract_index_ivf(index) is None:
-                raise InputError(f"bad index spec {str(self)!r}: ondisk=1 needs an IVF index")
+            inner = faiss.downcast_index(index)
+            if isinstance(inner, faiss.IndexPreTransform):
+                inner = faiss.downcast_index(inner.index)
+            if self.ondisk and not isinstance(inner, faiss.IndexIVF):
+                raise InputError(
+                    f"bad index spec {str(self)!r}: ondisk=1 needs an IVF index (optionally "
+                    "after a transform), without a refinement"
+                )
             space: Any = faiss.ParameterSpace()
             try:
                 space.set_index_parameters(index, self.search)
             except RuntimeError as error:
-                raise InputError(
-                    f"bad index spec {str(self)!r}: {faiss_message(error)}"
-                ) from None
+                raise InputError(f"bad index spec {str(self)!r}: {faiss_message(error)}") from None
         return self
 
     def resolve(self, rows: int, dim: int | None = None) -> IndexSpec:
@@ -187,10 +194,11 @@ class IndexSpec:
         lists: the power of two at or above ``4 sqrt(R)`` (FAISS: 4-16 sqrt(R)) below 1M rows, and
         FAISS's 65536 / 262144 / 1048576 lists with an ``HNSW32`` coarse quantiser for 1M-10M /
         10M-100M / more rows, capped so each list trains on 39 points (:func:`auto_nlist`);
-        ``nprobe`` is ``nlist / 256`` within 16..256. Vectors stay uncompressed (``Flat``) unless that would not
-        fit ``memory_gb`` (codes, ids and centroids; ``dim`` needed then): ``SQ8`` (``D`` bytes a
-        row), ``SQ4``, else the largest ``PQ`` code that fits (:func:`auto_codes`). Measured recall and
-        speed: ``bench/RESULTS.md``; check a database's own with ``retclip db index --evaluate``.
+        ``nprobe`` is ``nlist / 256`` within 16..256 (recall@10 0.996 at 1M clustered rows, 0.99
+        at half that). Vectors stay uncompressed (``Flat``) unless that would not fit
+        ``memory_gb`` (codes, ids and centroids; ``dim`` needed then): ``SQ8`` (``D`` bytes a
+        row), ``SQ4``, else the largest ``PQ`` code that fits (:func:`auto_codes`). Measured
+        recall and speed: ``docs/scale.md``; a database's own: ``retclip db index --evaluate``.
         """
         if self.type != "auto":
             return self
@@ -211,7 +219,7 @@ class IndexSpec:
         quantizer = f"IVF{nlist}"
         if rows >= AUTO_HNSW_MIN_ROWS:
             quantizer += "_HNSW32"
-            search += f",quantizer_efSearch={2 * nprobe}"
+            search += f",quantizer_efSearch={max(AUTO_QUANTIZER_EF_SEARCH, 2 * nprobe)}"
         return IndexSpec(
             "factory", factory=f"{quantizer},{codes}", search=search, ondisk=self.ondisk
         )
@@ -522,7 +530,9 @@ def search_index(
     if k < 1:
         raise InputError(f"k={k}; expected k >= 1")
     ntotal = int(index.ntotal)
-    configure_search(index, spec.resolve(ntotal, int(index.d)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an over-budget auto spec warned when it was built
+        configure_search(index, spec.resolve(ntotal, int(index.d)))
     selector = bitmap = None
     widen = 1.0
     if allowed_ids is not None:

@@ -16,6 +16,7 @@ atomically and load it memory-mapped for serving.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -594,7 +595,12 @@ def save_index(index: faiss.Index, path: Path | str) -> str:
     path = Path(path)
     tmp_name = str(temp_path(path))  # FAISS writes by file name
     try:
-        faiss.write_index(index, tmp_name)
+        try:
+            faiss.write_index(index, tmp_name)
+        except RuntimeError as error:  # FAISS reports a failed write (a full disk) this way
+            reason = re.search(r"\(([^()]*)\)\s*$", str(error).strip())
+            why = reason.group(1) if reason else "FAISS could not write it"
+            raise OSError(errno.EIO, why) from None
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
         digest = file_sha256(tmp_name)

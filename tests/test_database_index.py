@@ -495,6 +495,7 @@ def test_features_are_streamed_from_shards_memory_mapped(tmp_path: Path) -> None
     assert [len(b) for b in blocks] == [128, 128, 128, 128, 88]
     assert isinstance(blocks[0].base, np.memmap) or isinstance(blocks[0], np.memmap)
     np.testing.assert_array_equal(np.concatenate(blocks), read_rows(tmp_path / "db", meta).features)
+    del blocks  # the mappings, before their file is truncated
     shard = meta["shards"][0]
     path = tmp_path / "db" / "shards" / shard["file"]
     path.write_bytes(path.read_bytes()[:200])  # truncated
@@ -518,7 +519,8 @@ def test_an_ondisk_database_index_persists_reloads_and_is_replaced(tmp_path: Pat
         again = FeatureDatabase.open(tmp_path / "db")
         np.testing.assert_array_equal(again.search(queries, 5)[1], expected[1])
     assert again.info()["index"]["persisted"]
-    lists.write_bytes(bytes(lists.stat().st_size))  # damaged lists are rebuilt, not used
+    with open(lists, "r+b") as handle:  # damaged in place (truncating a file that FAISS still
+        handle.write(bytes(lists.stat().st_size))  # maps and prefetches would crash the process)
     with pytest.warns(UserWarning, match="inverted lists .* do not match their sha256"):
         np.testing.assert_array_equal(FeatureDatabase.open(tmp_path / "db").search(queries, 5)[1],
                                       expected[1])  # fmt: skip

@@ -22,19 +22,31 @@ import ray.cloudpickle
 from click.testing import CliRunner, Result
 from ray.cluster_utils import Cluster
 
+import test_sources
 from retclip.cli import cli
 from retclip.database import FeatureDatabase
 from retclip.database.build import BuildItem, build_database, items_from_dataset
+from retclip.database.sources import items_from_shards
 from retclip.datasets import CocoPanopticDataset
-from retclip.distributed import RayCluster, build_database_on_ray, run_model_on_ray
+from retclip.distributed import (
+    RayCluster,
+    RayShardMap,
+    build_database_on_ray,
+    ray_session,
+    run_model_on_ray,
+)
 from retclip.evaluation.cache import ScoreCache
 from retclip.evaluation.datasets import DatasetSpec, EvalDataset
 from retclip.evaluation.loop import run_model
 from retclip.pipeline import ModelSpec, PipelineSpec, build_segmenter
+from retclip.proposers.registry import PROPOSERS
 from retclip.toyworld.dataset import toy_vocabulary
+from retclip.vocabulary import Vocabulary
+from test_sources import NamedColourProposer, three_samples, vocab_file, write_tar
 
-# the factories below run on Ray workers, which cannot import this test module
+# the factories below run on Ray workers, which cannot import the test modules
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(test_sources)
 
 BATCH = 4
 MiB = 1024**2
@@ -79,6 +91,13 @@ def reference(tmp_path_factory, spec: ModelSpec, items: list[BuildItem]) -> Feat
     return single_process_build(tmp_path_factory.mktemp("reference") / "db", spec, items)
 
 
+def _register_test_proposer() -> None:
+    """In every Ray worker: test_sources' class-prompted colour proposer as ``test-colour``."""
+    from retclip.proposers.registry import PROPOSERS
+
+    PROPOSERS["test-colour"] = lambda **_: NamedColourProposer()
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """One local Ray with two CPUs for the module (starting one costs seconds)."""
@@ -89,7 +108,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         object_store_memory=300 * MiB,
         include_dashboard=False,
         logging_level="warning",
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": env, "worker_process_setup_hook": _register_test_proposer},
     )
     yield
     ray.shutdown()
@@ -231,6 +250,45 @@ def test_an_unreadable_image_is_one_error_line_after_the_batches_before_it(
     db = FeatureDatabase.open(tmp_path / "db")
     (build_id,) = db.info()["build_ids"]
     assert len(db.completed_sources(build_id)) == BATCH
+
+
+def test_shards_are_read_on_the_cluster_and_build_the_single_process_rows(
+    local_ray, monkeypatch, tmp_path
+) -> None:
+    """``db build --shards ... --ray``: one Ray task per shard reads its headers and captions
+    (the items are the single-process reader's, in the same order, also up to a limit), the
+    workers read the images from the shards by offset, and the rows equal the single-process
+    build's; a damaged shard is one error line naming it, with nothing built."""
+    _register_test_proposer()  # in the driver too (monkeypatch undoes it)
+    monkeypatch.setitem(PROPOSERS, "test-colour", PROPOSERS["test-colour"])
+    for n in range(3):
+        write_tar(tmp_path / "data" / f"{n:05d}.tar", three_samples(f"s{n}-"))
+    pattern = str(tmp_path / "data" / "{00000..00002}.tar")
+    vocabulary = Vocabulary.load(vocab_file(tmp_path))
+    serial = items_from_shards([pattern], vocabulary)
+    with ray_session(RayCluster()) as (session, _):
+        lister = RayShardMap(session)
+        assert items_from_shards([pattern], vocabulary, map_shards=lister) == serial
+        assert lister.tasks == 3 and len(serial) == 9
+        assert items_from_shards([pattern], vocabulary, limit=4, map_shards=lister) == serial[:4]
+
+    def build(path: Path, *extra: object) -> Result:
+        return invoke(
+            "db", "build", path, "--shards", pattern, "--vocab", vocab_file(tmp_path),
+            "--backbone", "color", "--proposer", "test-colour", "--batch-size", 2, *extra,
+        )  # fmt: skip
+
+    single, distributed = build(tmp_path / "single"), build(tmp_path / "ray", "--ray")
+    assert single.exit_code == 0 and distributed.exit_code == 0, distributed.output
+    one, other = FeatureDatabase.open(tmp_path / "single"), FeatureDatabase.open(tmp_path / "ray")
+    assert_same_rows(other, one)
+    assert sorted(set(other.provenance()["sources"])) == sorted(i.source for i in serial)
+    (tmp_path / "data" / "00001.tar").write_bytes(b"not a tar at all" * 64)
+    broken = build(tmp_path / "broken", "--ray")
+    assert broken.exit_code == 1, broken.output
+    errors = [line for line in broken.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "00001.tar" in errors[0] and "Traceback" not in broken.output
+    assert not (tmp_path / "broken").exists()
 
 
 def test_eval_on_ray_writes_the_single_process_cache_and_resumes(

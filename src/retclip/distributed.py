@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import pickle
@@ -55,7 +56,13 @@ from retclip.proposers.base import MaskProposer, Proposals
 from retclip.segmenter import MaskScores, Segmenter
 from retclip.vocabulary import Vocabulary
 
-__all__ = ["RayCluster", "build_database_on_ray", "ray_session", "run_model_on_ray"]
+__all__ = [
+    "RayCluster",
+    "RayShardMap",
+    "build_database_on_ray",
+    "ray_session",
+    "run_model_on_ray",
+]
 
 #: The Python modules of the ``ray`` extra.
 RAY_MODULES = ("ray", "pyarrow")
@@ -64,6 +71,8 @@ RAY_MODULES = ("ray", "pyarrow")
 BLOCK_IMAGES = 16
 #: Model workers one decode task serves.
 DECODE_SHARE = 4
+#: Shards listed at once per CPU of the cluster (:class:`RayShardMap`).
+SHARDS_IN_FLIGHT_PER_CPU = 2
 
 ModelFactory = Callable[[], tuple[Backbone, MaskProposer | None]]
 
@@ -127,6 +136,10 @@ def _resources(ray: Any, cluster: RayCluster, fixed: bool) -> _Resources:
     return _Resources(workers, 1.0, per_gpu)
 
 
+#: For each open :func:`ray_session`, innermost last: whether its Ray was started for the run.
+_FIXED_SESSIONS: list[bool] = []
+
+
 @contextlib.contextmanager
 def ray_session(cluster: RayCluster) -> Iterator[tuple[Any, _Resources]]:
     """Ray, connected as ``cluster`` says (or as it already is in this process), and the model
@@ -136,6 +149,8 @@ def ray_session(cluster: RayCluster) -> Iterator[tuple[Any, _Resources]]:
     import ray.data
 
     started = not ray.is_initialized()
+    # a session inside another (the shards listed, then the build) keeps the outer one's rule
+    fixed = _FIXED_SESSIONS[-1] if _FIXED_SESSIONS else started and cluster.address == "local"
     if started:
         options: dict[str, Any] = {"logging_level": logging.WARNING}
         if cluster.address == "local":
@@ -153,8 +168,11 @@ def ray_session(cluster: RayCluster) -> Iterator[tuple[Any, _Resources]]:
     try:
         context.enable_progress_bars = False  # the driver's bar counts committed images
         data_logger.setLevel(logging.WARNING)
-        yield ray, _resources(ray, cluster, started and cluster.address == "local")
+        _FIXED_SESSIONS.append(fixed)
+        yield ray, _resources(ray, cluster, fixed)
     finally:
+        if _FIXED_SESSIONS:
+            _FIXED_SESSIONS.pop()
         context.execution_options.preserve_order, context.enable_progress_bars = saved
         data_logger.setLevel(saved_level)
         if started:
@@ -285,6 +303,49 @@ def _stream(
 
 
 # -- database builds ----------------------------------------------------------------------
+
+
+def _list_shard(list_items: Callable[[str], list[BuildItem]], shard: str) -> bytes:
+    """Shard listing (a Ray task): the shard's items, or the input error reading it raised."""
+    try:
+        return pickle.dumps(list_items(shard))
+    except RetclipError as error:
+        return _error_payload(error)
+
+
+class RayShardMap:
+    """A :data:`~retclip.database.sources.ShardMap` on Ray: one task per shard reads its
+    headers and captions where the cluster has a free CPU, a few shards per CPU at a time, and
+    the results come back in shard order (so the items are the single-process reader's). Use it
+    inside :func:`ray_session`; ``tasks`` counts the shards read on the cluster."""
+
+    def __init__(self, ray: Any) -> None:
+        self._ray = ray
+        self.tasks = 0
+
+    def __call__(
+        self, list_items: Callable[[str], list[BuildItem]], shards: Sequence[str]
+    ) -> Generator[list[BuildItem], None, None]:
+        ray = self._ray
+        task = ray.remote(_list_shard)
+        function = ray.put(list_items)
+        window = max(1, int(ray.cluster_resources().get("CPU", 1)) * SHARDS_IN_FLIGHT_PER_CPU)
+        pending: list[Any] = []
+        queued = iter(shards)
+        try:
+            while True:
+                for shard in itertools.islice(queued, window - len(pending)):
+                    pending.append(task.remote(function, shard))
+                    self.tasks += 1
+                if not pending:
+                    return
+                result = pickle.loads(ray.get(pending.pop(0)))
+                if isinstance(result, BaseException):
+                    raise result
+                yield result
+        finally:  # stopped early (a limit, an error): the shards still being read are dropped
+            for ref in pending:
+                ray.cancel(ref)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,8 +27,9 @@ def db() -> None:
     """Build and manage feature databases of mask-pooled features with labels."""
 
 
-def _build_items(options: dict[str, Any]) -> tuple[list[Any], str, Any]:
-    """Build items, a description of their origin, and synonyms for their labels (or None)."""
+def _build_items(options: dict[str, Any], map_shards: Any = map) -> tuple[list[Any], str, Any]:
+    """Build items, a description of their origin, and synonyms for their labels (or None);
+    ``--shards`` are read through ``map_shards`` (on Ray: in parallel on the cluster)."""
     from retclip.database.build import items_from_labels_file
 
     images_dir = options.pop("images_dir")
@@ -106,7 +107,7 @@ def _build_items(options: dict[str, Any]) -> tuple[list[Any], str, Any]:
     if sources["shards"] is not None:
         from retclip.database.sources import items_from_shards
 
-        items = items_from_shards(sources["shards"], vocabulary, limit=limit)
+        items = items_from_shards(sources["shards"], vocabulary, limit=limit, map_shards=map_shards)
         patterns = ",".join(str(Path(p).resolve()) for p in sources["shards"])
         return items, f"shards:{patterns}:{vocabulary.key()}", label_synonyms(vocabulary)
     items = items_from_captions(sources["captions"], images_dir, vocabulary)
@@ -186,11 +187,28 @@ build_options = [
 
 
 def _run_build(path: Path, create: bool, options: dict[str, Any]) -> None:
+    cluster = ray_cluster(options)  # before any work: a missing extra is one error line
+    with contextlib.ExitStack() as session:
+        map_shards: Any = map
+        if cluster is not None and options["shards"]:  # one Ray session reads them and builds
+            from retclip.distributed import RayShardMap, ray_session
+
+            ray, _ = session.enter_context(ray_session(cluster))
+            map_shards = RayShardMap(ray)
+        _build(path, create, options, cluster, _build_items(options, map_shards))
+
+
+def _build(
+    path: Path,
+    create: bool,
+    options: dict[str, Any],
+    cluster: Any,
+    sources: tuple[list[Any], str, Any],
+) -> None:
     from retclip.database import FeatureDatabase, IndexSpec
     from retclip.database.build import build_database, build_id_for
 
-    cluster = ray_cluster(options)  # before any work: a missing extra is one error line
-    items, origin, synonyms = _build_items(options)
+    items, origin, synonyms = sources
     limit, batch_size = options.pop("limit"), options.pop("batch_size")
     if limit is not None:
         if limit < 1:

@@ -8,7 +8,8 @@ the end here, before a database is created, so a bad file is one error and nothi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 
 from retclip.database.build import BuildItem
 from retclip.database.captions import CaptionMatcher
@@ -70,33 +71,61 @@ def items_from_open_images(
     return items, absent
 
 
+#: Maps a function over shards, yielding its results in shard order (lazily: a ``limit`` stops
+#: it early). The default is the builtin ``map``; on Ray, :class:`retclip.distributed.
+#: RayShardMap` reads several shards at once on the cluster.
+ShardMap = Callable[[Callable[[str], list[BuildItem]], Sequence[str]], Iterable[list[BuildItem]]]
+
+
+def shard_items(shard: str, vocabulary: Vocabulary) -> list[BuildItem]:
+    """The build items of one shard (headers and captions only), labelled with the classes of
+    ``vocabulary`` their captions mention; samples mentioning none are left out.
+
+    Raises:
+        InputError: a missing or bad shard, naming it and the sample's key.
+    """
+    matcher = CaptionMatcher(vocabulary)
+    items: list[BuildItem] = []
+    with contextlib.closing(read_shard_samples(shard, images=False)) as samples:
+        for sample in samples:
+            found = {c for caption in sample.captions for c in matcher.classes(caption)}
+            if found:
+                labels = tuple(vocabulary[i].name for i in sorted(found))
+                items.append(BuildItem(sample.source, labels, sample.image))
+    return items
+
+
 def items_from_shards(
-    patterns: Sequence[str], vocabulary: Vocabulary, *, limit: int | None = None
+    patterns: Sequence[str],
+    vocabulary: Vocabulary,
+    *,
+    limit: int | None = None,
+    map_shards: ShardMap = map,
 ) -> list[BuildItem]:
     """Build items of the samples of image–text shards, labelled with the classes their
     captions mention (:class:`CaptionMatcher`); samples mentioning none are left out.
 
     ``patterns`` are brace patterns (``data/{00000..00127}.tar``); each item's source is
     ``SHARD#KEY`` and it reads its image from the shard when the build needs it. Every shard is
-    read here (headers and captions only), until ``limit`` items.
+    read here (headers and captions only, :func:`shard_items` through ``map_shards``), until
+    ``limit`` items; the items are in shard order, then sample order, however they were read.
 
     Raises:
         InputError: a missing or bad shard, naming it and the sample's key; no sample mentions
             a class.
     """
-    matcher = CaptionMatcher(vocabulary)
     shards = shard_paths(patterns)
     items: list[BuildItem] = []
-    for shard in shards:
-        with contextlib.closing(read_shard_samples(shard, images=False)) as samples:
-            for sample in samples:
-                found = {c for caption in sample.captions for c in matcher.classes(caption)}
-                if not found:
-                    continue
-                labels = tuple(vocabulary[i].name for i in sorted(found))
-                items.append(BuildItem(sample.source, labels, sample.image))
-                if limit is not None and len(items) >= limit:
-                    return items
+    results = iter(map_shards(functools.partial(shard_items, vocabulary=vocabulary), shards))
+    try:
+        for found in results:
+            items.extend(found)
+            if limit is not None and len(items) >= limit:
+                return items[:limit]
+    finally:  # a reader stopped at the limit stops reading (a generator's shards in flight)
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
     if not items:
         raise InputError(
             f"no caption in {len(shards)} shard(s) ({shards[0]}, ...) mentions a class of "

@@ -163,18 +163,22 @@ def ray_session(cluster: RayCluster) -> Iterator[tuple[Any, _Resources]]:
             ) from None
     context = ray.data.DataContext.get_current()
     saved = (context.execution_options.preserve_order, context.enable_progress_bars)
-    data_logger = logging.getLogger("ray.data")
-    saved_level = data_logger.level
+    # Ray Data at WARNING; its progress-bar module also warns that the bars are off, which
+    # they are on purpose: the driver's bar counts committed images
+    loggers = [logging.getLogger(n) for n in ("ray.data", "ray.data._internal.progress")]
+    saved_levels = [logger.level for logger in loggers]
     try:
-        context.enable_progress_bars = False  # the driver's bar counts committed images
-        data_logger.setLevel(logging.WARNING)
+        context.enable_progress_bars = False
+        for logger, level in zip(loggers, (logging.WARNING, logging.ERROR), strict=True):
+            logger.setLevel(level)
         _FIXED_SESSIONS.append(fixed)
         yield ray, _resources(ray, cluster, fixed)
     finally:
         if _FIXED_SESSIONS:
             _FIXED_SESSIONS.pop()
         context.execution_options.preserve_order, context.enable_progress_bars = saved
-        data_logger.setLevel(saved_level)
+        for logger, level in zip(loggers, saved_levels, strict=True):
+            logger.setLevel(level)
         if started:
             ray.shutdown()
 

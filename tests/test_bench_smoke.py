@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from bench import (
     bench_build,
     bench_detector_prompts,
     bench_end_to_end,
+    bench_fcclip_forward,
+    bench_grounded_sam,
     bench_mask_tier,
     bench_retrieval,
     bench_segment_features,
@@ -125,3 +128,37 @@ def test_rows(tiny_args: list[str]) -> None:
     argv = [*tiny_args, "--rows", "gt-clip-b16", "gdino-sam-clip-b16", "--image-size", "48", "64"]
     text = bench_rows.main([*argv, "--db-rows", "200", "--boxes", "3", "--gt-masks", "4"])
     assert "| gt-clip-b16 |" in text and "| gdino-sam-clip-b16 |" in text
+
+
+def test_grounded_sam(tiny_args: list[str]) -> None:
+    text = bench_grounded_sam.main([*tiny_args, "--quick", "--classes", "8", "150", "--boxes", "3"])
+    assert "| 8 | 1 | 3 |" in text and "| 150 | 5 | 3 |" in text
+    assert "3 vs 3 masks" in text and "| 150 | retclip |" in text
+
+
+def test_fcclip_forward_retclip_side() -> None:
+    # without the original FC-CLIP: retclip's side on the fixture's reduced model
+    text = bench_fcclip_forward.main(["--quick", "--no-save"])
+    assert "| retclip segment --proposer fcclip |" in text and "the original is absent" in text
+
+
+def test_fcclip_forward_needs_the_original(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_fcclip_forward.main(["--no-save"]) == ""
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [
+        "bench_fcclip_forward: the original FC-CLIP is missing: pass --fcclip-python (the FC-CLIP "
+        "venv's python) and --fcclip-root (fc-clip)"
+    ]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("RETCLIP_FCCLIP_PYTHON") or not os.environ.get("RETCLIP_FCCLIP_ROOT"),
+    reason="the original FC-CLIP: set RETCLIP_FCCLIP_PYTHON (its venv's python) and "
+    "RETCLIP_FCCLIP_ROOT (the fc-clip checkout)",
+)
+def test_fcclip_forward_against_the_original() -> None:
+    argv = ["--quick", "--no-save", "--fcclip-python", os.environ["RETCLIP_FCCLIP_PYTHON"],
+            "--fcclip-root", os.environ["RETCLIP_FCCLIP_ROOT"]]  # fmt: skip
+    text = bench_fcclip_forward.main(argv)
+    assert "| FC-CLIP forward (original) |" in text and "target ≤ 1.05×" in text
+    assert '"keys": 206' in text  # the original's full state dict, loaded by retclip

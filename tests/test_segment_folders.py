@@ -42,13 +42,13 @@ def folder(scenes, tmp_path) -> Path:
 
 def count_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
-    original = retclip.segmenter.Segmenter.__call__
+    original = retclip.segmenter.Segmenter.segment_batch
 
-    def wrapped(self, image, classes, *args, **kwargs):
-        calls.append(str(kwargs.get("source")))
-        return original(self, image, classes, *args, **kwargs)
+    def wrapped(self, images, classes, *args, **kwargs):
+        calls.extend(str(source) for source in kwargs.get("sources"))
+        return original(self, images, classes, *args, **kwargs)
 
-    monkeypatch.setattr(retclip.segmenter.Segmenter, "__call__", wrapped)
+    monkeypatch.setattr(retclip.segmenter.Segmenter, "segment_batch", wrapped)
     return calls
 
 

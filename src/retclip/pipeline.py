@@ -66,6 +66,22 @@ class ModelSpec(BaseModel):
         None, description="Model weights' dtype (half precision on CUDA only)."
     )
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda:N.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Autocast of the model passes: bf16/fp16 on CUDA, bf16 on CPU too; outputs "
+        "stay float32.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the backbone's image tower (a warning and eager mode where "
+        "compiling fails).",
+    )
+    batch_size: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Images per model batch (detector, mask model and backbone).",
+    )
     proposer: str | None = Field(
         None, description="gt, regions, grounded-sam, owl-sam, sam-grid or fcclip."
     )
@@ -133,7 +149,11 @@ class ModelSpec(BaseModel):
     def description(self) -> dict[str, Any]:
         """The options that decide the models' outputs, JSON-ready (for caches and build ids)."""
         spec = self.resolved()
-        data = spec.model_dump(mode="json", exclude={"device", "gt_json", "gt_masks"})
+        # batching and compiling do not change outputs; fp32 keeps the earlier description
+        exclude = {"device", "gt_json", "gt_masks", "compile", "batch_size"}
+        if spec.precision == "fp32":
+            exclude.add("precision")
+        data = spec.model_dump(mode="json", exclude=exclude)
         if spec.recipe == "retclip":  # the default recipe keeps its earlier description
             data["recipe"] = None
         return data
@@ -149,7 +169,10 @@ class ModelSpec(BaseModel):
                 options[name] = getattr(spec, name)
         if spec.recipe == "fcclip":
             options["preprocessing"] = RECIPES["fcclip"]
-        return load_backbone(spec.backbone, resolve_device(spec.device), **options)
+        backbone = load_backbone(spec.backbone, resolve_device(spec.device), **options)
+        if spec.compile:
+            backbone.compile_image_tower()
+        return backbone
 
     def load_proposer(self, backbone: Backbone, *, strict: bool = True) -> MaskProposer | None:
         """The proposer this spec names (``None`` if none), built on ``backbone`` where it
@@ -282,6 +305,7 @@ def build_segmenter(
         pooling=spec.pooling,
         device=backbone.device,
         settings=spec.settings,
+        precision=spec.model.precision,
     )
 
 

@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from retclip.acceleration import Precision, autocast, check_precision
 from retclip.backbones.base import Backbone, features_from_dense
 from retclip.backbones.registry import load_backbone, resolve_device
 from retclip.caching import LRUCache
 from retclip.database import FeatureDatabase
-from retclip.errors import InputError
+from retclip.errors import InputError, RetclipError
 from retclip.files import atomic_writer
 from retclip.images import SourceImage, image_to_tensor, load_image
 from retclip.outputs import write_outputs
@@ -362,6 +363,8 @@ class Segmenter:
             ``"soft"``. Queries and the database must share it.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``...
         settings: the merge :class:`Settings` (default: the paper's).
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` autocast around the model passes
+            (proposer, backbone, pooling; :mod:`retclip.acceleration`); results stay float32.
         **overrides: :class:`Settings` fields to change (alpha, beta, gamma, combine, ...).
     """
 
@@ -377,9 +380,12 @@ class Segmenter:
         pooling: PoolingMode | None = None,
         device: str | torch.device = "auto",
         settings: Settings | None = None,
+        precision: Precision = "fp32",
         **overrides: Any,
     ) -> None:
         self.device = resolve_device(device)
+        check_precision(precision, self.device)
+        self.precision: Precision = precision
         self.backbone = load_backbone(backbone, self.device)
         self.proposer = proposer
         self.settings = dataclasses.replace(settings or Settings(), **overrides)
@@ -426,14 +432,64 @@ class Segmenter:
     ) -> PreparedImage:
         """Everything of one image up to the backbone pass: pixels, vocabulary, text embeddings
         and mask proposals. Raises :class:`RetclipError` on bad input."""
-        pixels, path = as_image(image)
+        return self.prepare_batch([image], classes, sources=[source])[0]
+
+    def prepare_batch(
+        self,
+        images: Sequence[ImageInput],
+        classes: ClassesInput,
+        *,
+        sources: Sequence[str | Path | None] | None = None,
+    ) -> list[PreparedImage]:
+        """:meth:`prepare` of several images with one vocabulary, their proposals from one
+        batched proposer call (:meth:`MaskProposer.propose_batch`: the detector and the mask
+        model's image encoder run over the images together where the model allows it)."""
         vocab = as_vocabulary(classes)
-        source_name = str(source) if source is not None else path
-        text = self.class_embeddings(vocab)
-        proposals = self.proposer.propose(SourceImage(pixels, source_name), vocab, text)
-        return PreparedImage(
-            pixels=pixels, vocabulary=vocab, text=text, proposals=proposals, source=source_name
-        )
+        text = self.class_embeddings(vocab)  # outside autocast: cached embeddings stay fp32
+        inputs = []
+        for i, image in enumerate(images):
+            pixels, path = as_image(image)
+            source = sources[i] if sources is not None else None
+            inputs.append(SourceImage(pixels, str(source) if source is not None else path))
+        with autocast(self.precision, self.device):
+            if len(inputs) == 1:
+                found = [self.proposer.propose(inputs[0], vocab, text)]
+            else:
+                found = self.proposer.propose_batch(
+                    inputs, [vocab] * len(inputs), [text] * len(inputs)
+                )
+        return [
+            PreparedImage(
+                pixels=item.pixels, vocabulary=vocab, text=text, proposals=p, source=item.source
+            )
+            for item, p in zip(inputs, found, strict=True)
+        ]
+
+    def segment_batch(
+        self,
+        images: Sequence[ImageInput],
+        classes: ClassesInput,
+        *,
+        sources: Sequence[str | Path | None] | None = None,
+    ) -> list[SegmentationResult | RetclipError]:
+        """Segment several images with one vocabulary in batched model passes.
+
+        Returns one entry per image, in order: its result, or the :class:`RetclipError` it
+        raised. When the batch fails on bad input, its images are redone one by one, so one bad
+        image costs only its own result."""
+        try:
+            return list(self.finish(self.prepare_batch(images, classes, sources=sources)))
+        except RetclipError as error:
+            if len(images) == 1:
+                return [error]
+        outcomes: list[SegmentationResult | RetclipError] = []
+        for i, image in enumerate(images):
+            source = sources[i] if sources is not None else None
+            try:
+                outcomes.append(self(image, classes, source=source))
+            except RetclipError as error:
+                outcomes.append(error)
+        return outcomes
 
     @torch.inference_mode()
     def finish(self, prepared: Sequence[PreparedImage]) -> list[SegmentationResult]:
@@ -449,12 +505,17 @@ class Segmenter:
                 by_size.setdefault(item.pixels.shape, []).append(i)
         for members in by_size.values():
             pixels = torch.stack([image_to_tensor(prepared[i].pixels) for i in members])
-            dense = self.backbone.encode_images(pixels.to(self.device))  # [B, D', h, w]
-            for row, i in enumerate(members):
-                masks = prepared[i].proposals.masks
-                pooled = features_from_dense(
-                    self.backbone, dense[row : row + 1], masks, mode=self.pooling
-                )
+            pooled_rows = []
+            with autocast(self.precision, self.device):
+                dense = self.backbone.encode_images(pixels.to(self.device))  # [B, D', h, w]
+                for row, i in enumerate(members):
+                    masks = prepared[i].proposals.masks
+                    pooled_rows.append(  # [N_i, D] float32, normalised in float32
+                        features_from_dense(
+                            self.backbone, dense[row : row + 1], masks, mode=self.pooling
+                        )
+                    )
+            for i, pooled in zip(members, pooled_rows, strict=True):
                 results[i] = self._result(prepared[i], pooled)
         return [r for r in results if r is not None]
 

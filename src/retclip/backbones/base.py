@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retclip.acceleration import Compiled
 from retclip.images import image_to_tensor
 from retclip.pooling import PoolingMode, mask_pool
 
@@ -123,6 +124,15 @@ class Backbone(abc.ABC):
         """Move the backbone's weights to ``device``; returns ``self``."""
         self.device = torch.device(device)
         return self
+
+    def compile_image_tower(self) -> None:
+        """``--compile``: run :meth:`encode_images` through ``torch.compile`` from now on (a
+        warning and eager mode where compiling fails; see :class:`~retclip.acceleration.
+        Compiled`). Backbones with a pure model part override this to compile only that."""
+        if not isinstance(self.encode_images, Compiled):
+            self.encode_images = Compiled(  # type: ignore[method-assign]
+                self.encode_images, f"{type(self).__name__} image tower"
+            )
 
 
 def segment_features(

@@ -117,6 +117,16 @@ class ClipVitBackbone(Backbone):
         self.model.to(device=self.device, dtype=self.dtype)
         return self
 
+    def compile_image_tower(self) -> None:
+        """``--compile``: the vision transformer (:meth:`dense_tokens`) through
+        ``torch.compile``; resizing and normalising stay eager."""
+        from retclip.acceleration import Compiled
+
+        if not isinstance(self.dense_tokens, Compiled):
+            self.dense_tokens = Compiled(  # type: ignore[method-assign]
+                self.dense_tokens, "CLIP ViT image tower"
+            )
+
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` RGB in [0, 255] → ``[B, D, h, w]`` float32 (not normalised)."""

@@ -56,6 +56,13 @@ class ToyBackbone(Backbone):
         self.model.to(self.device)
         return self
 
+    def compile_image_tower(self) -> None:
+        """``--compile``: the trunk (``model.dense``) through ``torch.compile``."""
+        from retclip.acceleration import Compiled
+
+        if not isinstance(self.model.dense, Compiled):
+            self.model.dense = Compiled(self.model.dense, "toy image trunk")  # type: ignore[method-assign]
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` RGB in [0, 255] → trunk map ``[B, 64, round(H/8), round(W/8)]``."""
         h, w = images.shape[-2:]

@@ -11,6 +11,7 @@ import click
 
 from retclip.cli.options import (
     CleanErrorsGroup,
+    batch_size_option,
     model_options,
     pipeline_spec,
     ray_cluster,
@@ -179,7 +180,9 @@ build_options = [
     click.option("--images", "images_dir", type=click.Path(path_type=Path), help="Images folder."),
     click.option("--proposer", help="Class-prompted proposer (with --dataset: for its tags)."),
     *model_options(),
-    click.option("--batch-size", default=8, show_default=True, help="Images per commit."),
+    batch_size_option(
+        8, "Images per model batch and per commit; decoding and commits overlap the models."
+    ),
     click.option("--limit", type=int, help="Use only the first N images."),
     *spec_options(PipelineSpec, ["pooling"]),
     *ray_options,
@@ -223,6 +226,11 @@ def _build(
     feature_dtype, index = options.pop("feature_dtype", None), options.pop("index", None)
     # the rows' recipe: the models, and the pooling the recipe implies unless given
     spec = pipeline_spec(options, options.pop("proposer"))
+    if cluster is not None and spec.model.precision != "fp32":
+        raise InputError(
+            f"--precision {spec.model.precision} applies to builds in this process; the Ray "
+            "workers run fp32 (drop --precision or --ray)"
+        )
     pooling = spec.pooling or "soft"
     backbone, proposer = spec.model.load()
     if proposer is None:
@@ -252,6 +260,7 @@ def _build(
                 batch_size=batch_size,
                 pooling=pooling,
                 synonyms=synonyms,
+                precision=spec.model.precision,
             )
         else:  # the same build, its per-image work on Ray workers with models of the same spec
             from retclip.distributed import build_database_on_ray

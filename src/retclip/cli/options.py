@@ -108,7 +108,7 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
         return click.Choice([str(v) for v in typing.get_args(annotation)]), True
     if annotation is Path:
         return click.Path(path_type=Path), False
-    if annotation in (int, float, str):
+    if annotation in (int, float, str, bool):
         return annotation, False
     raise TypeError(f"no command-line type for {annotation!r}")
 
@@ -127,7 +127,9 @@ def _option(
     flags = [cli["short"], flag] if cli.get("short") else [flag]
     click_type, _ = _click_type(annotation)
     kwargs: dict[str, Any] = {"type": click_type, "help": help_text, "required": required}
-    if default is not None and not required:
+    if click_type is bool:  # a flag: --compile
+        kwargs = {"is_flag": True, "default": bool(default), "help": help_text}
+    elif default is not None and not required:
         kwargs.update(default=default, show_default=True)
     return click.option(*flags, name, **kwargs)
 
@@ -163,8 +165,11 @@ def spec_options(
 
 #: The ensemble option names, as :class:`retclip.settings.Settings` fields.
 ENSEMBLE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
-#: Model options, as :class:`ModelSpec` fields (``--proposer`` is declared by each command).
-MODEL_FIELDS: tuple[str, ...] = tuple(n for n in ModelSpec.model_fields if n != "proposer")
+#: Model options, as :class:`ModelSpec` fields (``--proposer`` is declared by each command;
+#: ``--batch-size`` by the commands that batch images, :func:`batch_size_option`).
+MODEL_FIELDS: tuple[str, ...] = tuple(
+    n for n in ModelSpec.model_fields if n not in ("proposer", "batch_size")
+)
 #: Retrieval options, as :class:`PipelineSpec` fields.
 RETRIEVAL_FIELDS = ("db", "fallback_db", "k", "pooling")
 
@@ -174,6 +179,12 @@ def model_options(*, backbone_required: bool = True) -> list[Callable[[Any], Any
     return spec_options(
         ModelSpec, MODEL_FIELDS, required=("backbone",) if backbone_required else ()
     )
+
+
+def batch_size_option(default: int, help_text: str) -> Callable[[Any], Any]:
+    """``--batch-size`` (:attr:`ModelSpec.batch_size`) with a command's own default and help."""
+    info = ModelSpec.model_fields["batch_size"]
+    return _option("batch_size", info.annotation, default, help_text)
 
 
 retrieval_options = spec_options(PipelineSpec, RETRIEVAL_FIELDS)
@@ -233,10 +244,12 @@ def ray_cluster(options: dict[str, Any]) -> Any:
 
 
 def model_spec(options: dict[str, Any], proposer: str | None) -> ModelSpec:
-    """The :class:`ModelSpec` of a command's options (its model fields; ``proposer`` given)."""
+    """The :class:`ModelSpec` of a command's options (its model fields and ``--batch-size``;
+    ``proposer`` given)."""
+    names = (*MODEL_FIELDS, "batch_size")
     try:
         return ModelSpec(
-            proposer=proposer, **{n: options[n] for n in MODEL_FIELDS if options.get(n) is not None}
+            proposer=proposer, **{n: options[n] for n in names if options.get(n) is not None}
         ).resolved()
     except ValidationError as error:
         raise spec_error(error) from None

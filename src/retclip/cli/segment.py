@@ -4,10 +4,13 @@ files per image out, and a ``manifest.jsonl`` line per image."""
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from tqdm import tqdm
 
 from retclip.cli.options import (
     CleanErrorsCommand,
+    batch_size_option,
     ensemble_options,
     model_options,
     output_dir,
@@ -131,24 +135,106 @@ def _vocabulary(classes: str | None, vocab: str | None, db: str | None) -> Any:
     return Vocabulary.from_choice(classes, vocab)
 
 
-def _results(
-    segmenter: Any, vocabulary: Any, tasks: list[ImageTask]
-) -> Iterator[tuple[ImageTask, Any, float]]:
-    """Each task's result (or the :class:`RetclipError` of an image found in a folder) and its
-    seconds."""
+@dataclass
+class _Decoded:
+    """An image read by the prefetch thread: its pixels, or the error reading it raised."""
+
+    task: ImageTask
+    pixels: Any
+    error: RetclipError | None
+    seconds: float
+
+
+def _decode(task: ImageTask) -> _Decoded:
     from retclip.images import load_image
 
-    for task in tasks:
+    start = time.perf_counter()
+    try:
+        return _Decoded(task, load_image(task.path), None, time.perf_counter() - start)
+    except RetclipError as error:
+        return _Decoded(task, None, error, time.perf_counter() - start)
+
+
+def _prefetched(tasks: list[ImageTask], ahead: int) -> Iterator[_Decoded]:
+    """The tasks' images in order, decoded in a background thread at most ``ahead`` images in
+    front of the consumer (a bounded prefetch queue)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decoder:
+        pending: deque[Future[_Decoded]] = deque()
+        upcoming = iter(tasks)
+        try:
+            for task in itertools.islice(upcoming, ahead):
+                pending.append(decoder.submit(_decode, task))
+            while pending:
+                decoded = pending.popleft().result()
+                for task in itertools.islice(upcoming, 1):
+                    pending.append(decoder.submit(_decode, task))
+                yield decoded
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _batches_of(decoded: Iterator[_Decoded], size: int) -> Iterator[list[_Decoded]]:
+    batch: list[_Decoded] = []
+    for item in decoded:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _results(
+    segmenter: Any, vocabulary: Any, tasks: list[ImageTask], batch_size: int = 1
+) -> Iterator[tuple[ImageTask, Any, float]]:
+    """Each task's result (or the :class:`RetclipError` of an image found in a folder) and its
+    seconds (its decoding, its share of its batch's model time, and writing its files), in
+    task order.
+
+    Three stages overlap: a thread decodes up to two batches ahead, the caller's thread runs the
+    models on ``batch_size`` images at a time (:meth:`Segmenter.segment_batch`), and one writer
+    thread saves the results, in order. An error of an image named explicitly, or any other
+    error of a thread, is raised here."""
+
+    def save(task: ImageTask, outcome: Any, seconds: float) -> tuple[ImageTask, Any, float]:
+        if isinstance(outcome, RetclipError):
+            if task.explicit:
+                raise outcome
+            return task, outcome, seconds
         start = time.perf_counter()
         try:
-            result = segmenter(load_image(task.path), vocabulary, source=task.path)
-            result.save(task.out_dir, task.stem)
+            outcome.save(task.out_dir, task.stem)
         except RetclipError as error:
             if task.explicit:
                 raise
-            yield task, error, time.perf_counter() - start
-            continue
-        yield task, result, time.perf_counter() - start
+            return task, error, seconds + time.perf_counter() - start
+        return task, outcome, seconds + time.perf_counter() - start
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
+        written: deque[Future[tuple[ImageTask, Any, float]]] = deque()
+        for batch in _batches_of(_prefetched(tasks, 2 * batch_size), batch_size):
+            readable = [item for item in batch if item.error is None]
+            start = time.perf_counter()
+            outcomes = (
+                segmenter.segment_batch(
+                    [item.pixels for item in readable],
+                    vocabulary,
+                    sources=[item.task.path for item in readable],
+                )
+                if readable
+                else []
+            )
+            share = (time.perf_counter() - start) / max(1, len(readable))
+            by_task = dict(zip((item.task for item in readable), outcomes, strict=True))
+            for item in batch:
+                outcome = by_task.get(item.task, item.error)
+                seconds = item.seconds + (share if item.error is None else 0.0)
+                written.append(writer.submit(save, item.task, outcome, seconds))
+            while len(written) > 2 * batch_size or (written and written[0].done()):
+                yield written.popleft().result()
+        while written:
+            yield written.popleft().result()
 
 
 @click.command(cls=CleanErrorsCommand)
@@ -166,6 +252,15 @@ def _results(
 @with_options(retrieval_options)
 @with_options(train_vocab_option)
 @with_options(ensemble_options)
+@with_options(
+    [
+        batch_size_option(
+            1,
+            "Images per model batch (detector, mask model, backbone); decoding and writing "
+            "overlap the models either way.",
+        )
+    ]
+)
 @click.option(
     "--recursive", is_flag=True, help="Also segment the images in sub-folders of a folder."
 )
@@ -212,10 +307,11 @@ def segment(
             click.echo(f"{skipped} of {len(tasks)} images already have all their outputs; skipped")
         if not todo:
             return
-        segmenter = build_segmenter(pipeline_spec(options, proposer))
+        spec = pipeline_spec(options, proposer)
+        segmenter = build_segmenter(spec)
         bar = tqdm(total=len(todo), unit="img", desc="segment", disable=len(todo) < 2)
         failed = 0
-        for task, outcome, seconds in _results(segmenter, vocabulary, todo):
+        for task, outcome, seconds in _results(segmenter, vocabulary, todo, spec.model.batch_size):
             record: dict[str, Any] = {"image": str(task.path), "seconds": round(seconds, 3)}
             if isinstance(outcome, RetclipError):
                 failed += 1

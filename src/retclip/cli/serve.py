@@ -11,11 +11,12 @@ from retclip.cli.options import spec_options, with_options
 from retclip.errors import InputError, require_extra
 from retclip.pipeline import ModelSpec
 
-#: Model options of ``serve`` (``--backbone``, ``--proposer`` and ``--device`` are its own).
+#: Model options of ``serve`` (``--backbone``, ``--proposer`` and ``--device`` are its own;
+#: its micro-batches are ``--batch``).
 SERVED_MODEL_FIELDS = tuple(
     name
     for name in ModelSpec.model_fields
-    if name not in ("backbone", "proposer", "device", "gt_json", "gt_masks")
+    if name not in ("backbone", "proposer", "device", "gt_json", "gt_masks", "batch_size")
 )
 
 

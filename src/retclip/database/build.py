@@ -18,19 +18,22 @@ import csv
 import dataclasses
 import hashlib
 import json
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from retclip.backbones.base import Backbone, segment_features
+from retclip.acceleration import Precision, autocast, check_precision
+from retclip.backbones.base import Backbone, features_from_dense
 from retclip.database.store import FeatureDatabase
 from retclip.datasets.coco_panoptic import CocoPanopticDataset
 from retclip.errors import InputError
-from retclip.images import SourceImage, load_image
+from retclip.images import SourceImage, image_to_tensor, load_image
 from retclip.pooling import PoolingMode
 from retclip.proposers.base import MaskProposer
 from retclip.vocabulary import VocabClass, Vocabulary
@@ -182,38 +185,83 @@ def image_rows(
     """The per-image work of a build: proposals prompted with the item's labels → one backbone
     pass → mask pooling. Each mask whose class hint names a label becomes a row; masks without
     a hint (or empty ones) are dropped. The one definition for every build path (in-process,
-    Ray workers), so they cannot drift."""
-    vocabulary = Vocabulary([VocabClass(label) for label in item.labels])
-    proposals = proposer.propose(SourceImage(image, item.source), vocabulary)
-    if proposals.class_hints is None:
-        raise InputError(
-            f"proposer {proposer.name!r} gives no class per mask, so its masks "
-            "cannot label database rows: use a class-prompted proposer"
+    Ray workers), so they cannot drift: :func:`batch_rows` of one image."""
+    return batch_rows(backbone, proposer, [item], [image], pooling=pooling)[0]
+
+
+def batch_rows(
+    backbone: Backbone,
+    proposer: MaskProposer,
+    items: Sequence[BuildItem],
+    images: Sequence[np.ndarray],
+    *,
+    pooling: PoolingMode = "soft",
+) -> list[ImageRows]:
+    """:func:`image_rows` of several images in batched model passes: one proposer call
+    (:meth:`MaskProposer.propose_batch`) and one backbone pass per image size; rows equal to
+    :func:`image_rows` image by image, in item order."""
+    vocabularies = [Vocabulary([VocabClass(label) for label in item.labels]) for item in items]
+    sources = [SourceImage(image, item.source) for item, image in zip(items, images, strict=True)]
+    if len(sources) == 1:
+        found = [proposer.propose(sources[0], vocabularies[0])]
+    else:
+        found = proposer.propose_batch(sources, vocabularies)
+    kept, keeps, areas = [], [], []
+    for proposals in found:
+        if proposals.class_hints is None:
+            raise InputError(
+                f"proposer {proposer.name!r} gives no class per mask, so its masks "
+                "cannot label database rows: use a class-prompted proposer"
+            )
+        mask_areas = proposals.masks.sum(axis=(1, 2))
+        keep = (proposals.class_hints >= 0) & (mask_areas > 0)
+        kept.append(proposals.select(keep))
+        keeps.append(keep)
+        areas.append(mask_areas)
+    # one backbone pass per image size over the images with rows
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, (image, proposals) in enumerate(zip(images, kept, strict=True)):
+        if len(proposals):
+            by_size.setdefault(image.shape, []).append(i)
+    features: dict[int, np.ndarray] = {}
+    with torch.inference_mode():
+        for members in by_size.values():
+            pixels = torch.stack([image_to_tensor(images[i]) for i in members])
+            dense = backbone.encode_images(pixels.to(backbone.device))  # [B, D', h, w]
+            for row, i in enumerate(members):
+                pooled = features_from_dense(
+                    backbone, dense[row : row + 1], kept[i].masks, mode=pooling
+                )
+                features[i] = pooled.cpu().numpy().astype(np.float32, copy=False)
+    rows = []
+    for i, (item, proposals) in enumerate(zip(items, kept, strict=True)):
+        dropped = int((~keeps[i]).sum())
+        if not len(proposals):
+            rows.append(
+                ImageRows(
+                    item.source,
+                    np.zeros((0, backbone.dim), np.float32),
+                    [],
+                    np.zeros((0, 4), np.float32),
+                    np.zeros(0, np.int64),
+                    np.zeros(0, np.float32),
+                    dropped,
+                )
+            )
+            continue
+        assert proposals.class_hints is not None and proposals.boxes is not None
+        rows.append(
+            ImageRows(
+                item.source,
+                features[i],
+                [item.labels[h] for h in proposals.class_hints],
+                np.asarray(proposals.boxes, dtype=np.float32),
+                np.asarray(areas[i][keeps[i]], dtype=np.int64),
+                np.asarray(proposals.scores, dtype=np.float32),
+                dropped,
+            )
         )
-    mask_areas = proposals.masks.sum(axis=(1, 2))
-    keep = (proposals.class_hints >= 0) & (mask_areas > 0)
-    kept = proposals.select(keep)
-    if not len(kept):
-        return ImageRows(
-            item.source,
-            np.zeros((0, backbone.dim), np.float32),
-            [],
-            np.zeros((0, 4), np.float32),
-            np.zeros(0, np.int64),
-            np.zeros(0, np.float32),
-            int((~keep).sum()),
-        )
-    assert kept.class_hints is not None and kept.boxes is not None
-    features = segment_features(backbone, image, kept.masks, mode=pooling).cpu().numpy()
-    return ImageRows(
-        item.source,
-        features.astype(np.float32, copy=False),
-        [item.labels[h] for h in kept.class_hints],
-        np.asarray(kept.boxes, dtype=np.float32),
-        np.asarray(mask_areas[keep], dtype=np.int64),
-        np.asarray(kept.scores, dtype=np.float32),
-        int((~keep).sum()),
-    )
+    return rows
 
 
 def commit_rows(
@@ -282,6 +330,7 @@ def build_database(
     decode_workers: int = 2,
     progress: bool = True,
     on_commit: Callable[[int], None] | None = None,
+    precision: Precision = "fp32",
 ) -> BuildReport:
     """Add the rows of ``items`` to ``db``, one atomic commit per batch, skipping committed images.
 
@@ -289,25 +338,55 @@ def build_database(
     masks without a hint (or empty ones) are dropped and counted (:func:`image_rows`).
     ``on_commit`` is called with the number of batches committed so far (progress reporting).
     :func:`retclip.distributed.build_database_on_ray` is the same build on a Ray cluster.
+
+    The images of one batch go through the models together (:func:`batch_rows`, under
+    ``precision``'s autocast). Three things overlap: ``decode_workers`` threads decode the next
+    batch (at most one batch ahead) while the models run, and one writer thread commits the
+    previous batch; commits stay in batch order (at most one in flight) and an error of any
+    thread is raised here, after the commit in flight has ended.
     """
     todo = pending_items(
         db, backbone, proposer, items, build_id=build_id, batch_size=batch_size, pooling=pooling
     )
+    check_precision(precision, backbone.device)
     report = BuildReport(skipped=len(items) - len(todo))
     bar = tqdm(total=len(todo), unit="img", desc="db build", disable=not progress)
-    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as decoder:
-        for committed, batch in enumerate(_batches(todo, batch_size), start=1):
-            images = decoder.map(BuildItem.load, batch)
-            parts = [
-                image_rows(backbone, proposer, item, image, pooling=pooling)
-                for item, image in zip(batch, images, strict=True)
-            ]
+    batches = list(_batches(todo, batch_size))
+    decoder = ThreadPoolExecutor(max_workers=max(1, decode_workers), thread_name_prefix="decode")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+    decoded: deque[list[Future[np.ndarray]]] = deque()
+    in_flight: tuple[Future[int], Sequence[BuildItem]] | None = None
+    committed = 0
+
+    def finish_commit() -> None:
+        nonlocal in_flight, committed
+        if in_flight is None:
+            return
+        future, batch = in_flight
+        in_flight = None
+        report.rows += future.result()
+        report.images += len(batch)
+        committed += 1
+        bar.update(len(batch))
+        bar.set_postfix(rows=report.rows)
+        if on_commit is not None:
+            on_commit(committed)
+
+    try:
+        for index, batch in enumerate(batches):
+            while len(decoded) < 2 and index + len(decoded) < len(batches):  # this one + next
+                upcoming = batches[index + len(decoded)]
+                decoded.append([decoder.submit(BuildItem.load, item) for item in upcoming])
+            images = [future.result() for future in decoded.popleft()]
+            with autocast(precision, backbone.device):
+                parts = batch_rows(backbone, proposer, batch, images, pooling=pooling)
             report.dropped_masks += sum(p.dropped for p in parts)
-            report.rows += commit_rows(db, parts, build_id=build_id, synonyms=synonyms)
-            report.images += len(batch)
-            bar.update(len(batch))
-            bar.set_postfix(rows=report.rows)
-            if on_commit is not None:
-                on_commit(committed)
-    bar.close()
+            finish_commit()  # the previous batch's commit, before this one's (commit order)
+            commit = writer.submit(commit_rows, db, parts, build_id=build_id, synonyms=synonyms)
+            in_flight = (commit, batch)
+        finish_commit()
+    finally:
+        decoder.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)  # a commit in flight ends (atomically) before any error rises
+        bar.close()
     return report

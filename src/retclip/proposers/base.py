@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
@@ -172,3 +173,21 @@ class MaskProposer(abc.ABC):
                 classify with text, FC-CLIP), or ``None`` when the caller has none (a database
                 build); such a proposer then embeds the vocabulary itself.
         """
+
+    def propose_batch(
+        self,
+        images: Sequence[SourceImage],
+        vocabularies: Sequence[Vocabulary],
+        text_embeddings: Sequence[TextEmbeddings] | None = None,
+    ) -> list[Proposals]:
+        """:meth:`propose` of several images (each with its own vocabulary), in order.
+
+        Proposers whose models take a batch (the detector → SAM proposers, SAM's point grid)
+        override this to run their models over the images together, with results equal to
+        :meth:`propose` image by image; this default is that loop.
+        """
+        texts = text_embeddings if text_embeddings is not None else [None] * len(images)
+        return [
+            self.propose(image, vocabulary, text)
+            for image, vocabulary, text in zip(images, vocabularies, texts, strict=True)
+        ]

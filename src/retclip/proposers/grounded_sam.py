@@ -141,8 +141,17 @@ def _expand_rows(value: Any, batch: int) -> Any:
     return value
 
 
+def _take_rows(value: Any, rows: torch.Tensor) -> Any:
+    """``value`` (a tensor, or lists/tuples of them) with each tensor's rows taken at ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows.to(value.device))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take_rows(item, rows) for item in value)
+    return value
+
+
 @contextlib.contextmanager
-def image_pass_once(model: Any, batch: int) -> Iterator[None]:
+def image_pass_once(model: Any, batch: int, images: Sequence[int] | None = None) -> Iterator[None]:
     """Within the block, ``model`` (a ``GroundingDinoModel``, called on ``batch`` rows that are
     all the **same image** with different prompts) runs its image-only modules on one row.
 
@@ -154,13 +163,33 @@ def image_pass_once(model: Any, batch: int) -> Iterator[None]:
     slice each one's tensor inputs to the first row and expand its outputs back to ``batch`` rows
     as stride-0 views, so the forward itself runs unchanged (transformers' own code, same call
     order) with one backbone pass instead of ``batch``.
+
+    ``images``: the image of each row when the rows hold several images (``[0, 0, 1, 1, 1]``,
+    each image's rows adjacent); the image-only modules then run once per image, on the image's
+    first row, and their outputs are copied to the image's rows.
     """
+    if images is not None and len(set(images)) > 1:
+        index = torch.as_tensor(list(images), dtype=torch.long)
+        firsts = torch.as_tensor(
+            [row for row in range(len(index)) if row == 0 or index[row] != index[row - 1]]
+        )
+        if len(firsts) != len(set(images)):
+            raise ValueError(f"rows of one image must be adjacent, got images {list(images)}")
+        spread = torch.repeat_interleave(torch.arange(len(firsts)), torch.bincount(index))
 
-    def first_row(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in args)
+        def first_row(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(_take_rows(a, firsts) if isinstance(a, torch.Tensor) else a for a in args)
 
-    def expand(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
-        return _expand_rows(output, batch)
+        def expand(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+            return _take_rows(output, spread)
+
+    else:
+
+        def first_row(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in args)
+
+        def expand(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+            return _expand_rows(output, batch)
 
     handles = []
     if batch > 1:
@@ -225,42 +254,93 @@ class GroundingDinoDetector(Detector):
 
     @torch.inference_mode()
     def detect(self, image: np.ndarray, classes: Sequence[str]) -> Detections:
-        chunks = self.prompts(classes)
+        return self._detect_rows([image], [classes])[0]
+
+    def detect_batch(
+        self, images: Sequence[np.ndarray], classes: Sequence[Sequence[str]]
+    ) -> list[Detections]:
+        """:meth:`detect` of several images: images whose resized inputs have one size run as
+        one model call (rows = every prompt of every image; the image backbone once per image,
+        :func:`image_pass_once`); others in calls of their own size."""
+        if len(images) <= 1:
+            return [self.detect(image, names) for image, names in zip(images, classes, strict=True)]
         image_processor = self.processor.image_processor
-        pixels = image_processor(images=image, size=self.size, return_tensors="pt")
-        length = max(len(c.input_ids) for c in chunks)
-        ids = torch.zeros((len(chunks), length), dtype=torch.long)
-        for row, chunk in enumerate(chunks):
+        inputs = [
+            image_processor(images=image, size=self.size, return_tensors="pt") for image in images
+        ]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, pixels in enumerate(inputs):
+            by_size.setdefault(tuple(pixels["pixel_values"].shape), []).append(i)
+        found: list[Detections | None] = [None] * len(images)
+        for members in by_size.values():
+            group = self._detect_rows(
+                [images[i] for i in members],
+                [classes[i] for i in members],
+                [inputs[i] for i in members],
+            )
+            for i, detections in zip(members, group, strict=True):
+                found[i] = detections
+        return [f for f in found if f is not None]
+
+    @torch.inference_mode()
+    def _detect_rows(
+        self,
+        images: Sequence[np.ndarray],
+        classes: Sequence[Sequence[str]],
+        inputs: Sequence[Any] | None = None,
+    ) -> list[Detections]:
+        """One model call over every prompt chunk of ``images`` (their inputs of one size)."""
+        chunks = [self.prompts(names) for names in classes]
+        if inputs is None:
+            image_processor = self.processor.image_processor
+            inputs = [
+                image_processor(images=image, size=self.size, return_tensors="pt")
+                for image in images
+            ]
+        owners = [i for i, image_chunks in enumerate(chunks) for _ in image_chunks]
+        rows = [chunk for image_chunks in chunks for chunk in image_chunks]
+        length = max(len(c.input_ids) for c in rows)
+        ids = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, chunk in enumerate(rows):
             ids[row, : len(chunk.input_ids)] = torch.tensor(chunk.input_ids)
-        batch = len(chunks)
-        shared = image_pass_once(self.model.model, batch) if self.share_image_pass else None
+        batch = len(rows)
+        if len(images) == 1:  # one image: its pixels viewed once per prompt (no copies)
+            pixel_values = inputs[0]["pixel_values"].expand(batch, -1, -1, -1)
+            pixel_mask = inputs[0]["pixel_mask"].expand(batch, -1, -1)
+        else:
+            pixel_values = torch.cat([inputs[i]["pixel_values"] for i in owners])
+            pixel_mask = torch.cat([inputs[i]["pixel_mask"] for i in owners])
+        shared = image_pass_once(self.model.model, batch, owners) if self.share_image_pass else None
         with shared or contextlib.nullcontext():
             outputs = self.model(
-                pixel_values=pixels["pixel_values"]
-                .to(self.device, self.dtype)
-                .expand(batch, -1, -1, -1),
-                pixel_mask=pixels["pixel_mask"].to(self.device).expand(batch, -1, -1),
+                pixel_values=pixel_values.to(self.device, self.dtype),
+                pixel_mask=pixel_mask.to(self.device),
                 input_ids=ids.to(self.device),
                 attention_mask=(ids > 0).long().to(self.device),
                 token_type_ids=torch.zeros_like(ids).to(self.device),
             )
         probs = outputs.logits.float().sigmoid()  # [B, Q, max_text_len]
-        height, width = image.shape[:2]
-        scale = torch.tensor([width, height, width, height], device=self.device)
-        boxes, scores, labels = [], [], []
-        for row, chunk in enumerate(chunks):
-            keep, score, label = assign_classes(
-                probs[row],
-                chunk,
-                box_threshold=self.box_threshold,
-                text_threshold=self.text_threshold,
-            )
-            cx, cy, w, h = outputs.pred_boxes[row, keep].float().unbind(-1)
-            xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1) * scale
-            boxes.append(xyxy.clamp_min(0).minimum(scale))
-            scores.append(score)
-            labels.append(label)
-        return Detections(torch.cat(boxes), torch.cat(scores), torch.cat(labels))
+        found = []
+        start = 0
+        for image, image_chunks in zip(images, chunks, strict=True):
+            height, width = image.shape[:2]
+            scale = torch.tensor([width, height, width, height], device=self.device)
+            boxes, scores, labels = [], [], []
+            for row, chunk in enumerate(image_chunks, start=start):
+                keep, score, label = assign_classes(
+                    probs[row],
+                    chunk,
+                    box_threshold=self.box_threshold,
+                    text_threshold=self.text_threshold,
+                )
+                cx, cy, w, h = outputs.pred_boxes[row, keep].float().unbind(-1)
+                xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+                boxes.append((xyxy * scale).clamp_min(0).minimum(scale))
+                scores.append(score)
+                labels.append(label)
+            start += len(image_chunks)
+            found.append(Detections(torch.cat(boxes), torch.cat(scores), torch.cat(labels)))
+        return found
 
 
 class GroundedSamProposer(DetectorSamProposer):

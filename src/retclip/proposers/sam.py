@@ -159,24 +159,50 @@ class SamSegmenter:
         return self.model_type != "sam"
 
     @torch.inference_mode()
+    def embed_batch(self, images: Sequence[np.ndarray]) -> list[SamImage]:
+        """:meth:`embed` of several images in one image-encoder pass (every image is resized
+        and padded, or stretched, to the same input square, so any sizes batch together)."""
+        if len(images) <= 1:
+            return [self.embed(image) for image in images]
+        inputs = [self._inputs(image) for image in images]
+        pixels = torch.cat([pixel for pixel, _ in inputs])  # [B, 3, S, S]
+        if self.stretches:
+            *high_res, embedding = self.model.get_image_embeddings(pixels)
+        else:
+            embedding, high_res = self.model.get_image_embeddings(pixels), []
+        return [
+            SamImage(
+                embedding[row : row + 1],
+                (int(image.shape[0]), int(image.shape[1])),
+                size,
+                tuple(level[row : row + 1] for level in high_res),
+            )
+            for row, (image, (_, size)) in enumerate(zip(images, inputs, strict=True))
+        ]
+
+    def _inputs(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The encoder input ``[1, 3, S, S]`` of ``image`` and the image's size in it."""
+        if self.stretches:
+            size = {"height": self.image_size, "width": self.image_size}
+            inputs = self.processor(images=image, size=size, return_tensors="pt")
+            square = (self.image_size, self.image_size)
+            return inputs["pixel_values"].to(self.device, self.dtype), square
+        size = {"longest_edge": self.image_size}
+        pad = {"height": self.image_size, "width": self.image_size}
+        inputs = self.processor(images=image, size=size, pad_size=pad, return_tensors="pt")
+        h, w = (int(v) for v in inputs["reshaped_input_sizes"][0])
+        return inputs["pixel_values"].to(self.device, self.dtype), (h, w)
+
+    @torch.inference_mode()
     def embed(self, image: np.ndarray) -> SamImage:
         """Encode ``image`` ``[H, W, 3]`` uint8 RGB once (SAM: resize the longest side, normalise,
         pad; SAM 2 / EdgeTAM: resize to the input square, normalise)."""
         original = (int(image.shape[0]), int(image.shape[1]))
+        pixels, size = self._inputs(image)
         if self.stretches:
-            size = {"height": self.image_size, "width": self.image_size}
-            inputs = self.processor(images=image, size=size, return_tensors="pt")
-            pixels = inputs["pixel_values"].to(self.device, self.dtype)
             *high_res, embedding = self.model.get_image_embeddings(pixels)
-            square = (self.image_size, self.image_size)
-            return SamImage(embedding, original, square, tuple(high_res))
-        size = {"longest_edge": self.image_size}
-        pad = {"height": self.image_size, "width": self.image_size}
-        inputs = self.processor(images=image, size=size, pad_size=pad, return_tensors="pt")
-        pixels = inputs["pixel_values"].to(self.device, self.dtype)
-        embedding = self.model.get_image_embeddings(pixels)
-        h, w = (int(v) for v in inputs["reshaped_input_sizes"][0])
-        return SamImage(embedding, original, (h, w))
+            return SamImage(embedding, original, size, tuple(high_res))
+        return SamImage(self.model.get_image_embeddings(pixels), original, size)
 
     def _to_input(self, coords: torch.Tensor, sam_image: SamImage) -> torch.Tensor:
         """Pixel coordinates ``[..., 2k]`` (x, y pairs) → SAM input coordinates."""
@@ -333,6 +359,13 @@ class Detector(abc.ABC):
         """Boxes above the detector's thresholds for ``classes`` in ``image`` ``[H, W, 3]``
         uint8 RGB, with one class per box."""
 
+    def detect_batch(
+        self, images: Sequence[np.ndarray], classes: Sequence[Sequence[str]]
+    ) -> list[Detections]:
+        """:meth:`detect` of several images, each with its class names; detectors whose model
+        takes a batch override this (same results as image by image)."""
+        return [self.detect(image, names) for image, names in zip(images, classes, strict=True)]
+
 
 def empty_proposals(height: int, width: int, kept: np.ndarray | None = None) -> Proposals:
     """No proposals for an ``H×W`` image (class hints present, so labelled builds accept it)."""
@@ -373,16 +406,56 @@ class DetectorSamProposer(MaskProposer):
     def propose(
         self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
+        found = self._boxes(self.detector.detect(image.pixels, self._prompts(vocabulary)))
+        if len(found.boxes) == 0:
+            return self._masks(image, found, None)
+        return self._masks(image, found, self.sam.embed(image.pixels))
+
+    def propose_batch(
+        self,
+        images: Sequence[SourceImage],
+        vocabularies: Sequence[Vocabulary],
+        text_embeddings: Sequence[TextEmbeddings] | None = None,
+    ) -> list[Proposals]:
+        """The detector over all images at once (:meth:`Detector.detect_batch`), then SAM's
+        image encoder over the images that have boxes in one pass (:meth:`SamSegmenter.
+        embed_batch`); boxes are decoded per image. Equal to :meth:`propose` image by image."""
+        if len(images) <= 1:
+            return super().propose_batch(images, vocabularies, text_embeddings)
+        prompts = [self._prompts(vocabulary) for vocabulary in vocabularies]
+        found = [
+            self._boxes(d)
+            for d in self.detector.detect_batch([image.pixels for image in images], prompts)
+        ]
+        boxed = [i for i, f in enumerate(found) if len(f.boxes)]
+        embedded = dict(
+            zip(boxed, self.sam.embed_batch([images[i].pixels for i in boxed]), strict=True)
+        )
+        return [
+            self._masks(image, f, embedded.get(i))
+            for i, (image, f) in enumerate(zip(images, found, strict=True))
+        ]
+
+    @staticmethod
+    def _prompts(vocabulary: Vocabulary) -> list[str]:
         # prompts are first synonyms: display names of built-in vocabularies can be WordNet
         # lists ("road, route") that read badly as prompts
-        classes = [entry.synonyms[0] for entry in vocabulary.classes]
+        return [entry.synonyms[0] for entry in vocabulary.classes]
+
+    def _boxes(self, found: Detections) -> Detections:
+        """Per-class box NMS."""
+        return found.select(batched_nms(found.boxes, found.scores, found.labels, self.nms_iou))
+
+    def _masks(
+        self, image: SourceImage, found: Detections, sam_image: SamImage | None
+    ) -> Proposals:
+        """SAM masks of ``found``'s boxes on the image's embedding, small ones and duplicates
+        dropped; classes without a box pruned."""
         height, width = image.size
-        found = self.detector.detect(image.pixels, classes)
-        found = found.select(batched_nms(found.boxes, found.scores, found.labels, self.nms_iou))
         kept = np.unique(found.labels.cpu().numpy()).astype(np.int64)
-        if len(found.boxes) == 0:
+        if len(found.boxes) == 0 or sam_image is None:
             return empty_proposals(height, width, kept)
-        masks, _ = self.sam.segment_boxes(self.sam.embed(image.pixels), found.boxes)
+        masks, _ = self.sam.segment_boxes(sam_image, found.boxes)
         scores = found.scores.to(masks.device)
         labels = found.labels.to(masks.device)
         large = masks.sum(dim=(1, 2)) >= self.min_area

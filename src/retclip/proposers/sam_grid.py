@@ -13,6 +13,7 @@ Class-agnostic: no class hints, no pruning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +23,7 @@ from torchvision.ops import batched_nms
 from retclip.errors import InputError
 from retclip.proposers.base import MaskProposer, Proposals, TextEmbeddings
 from retclip.proposers.mask_ops import stability_score
-from retclip.proposers.sam import DEFAULT_SAM, SamSegmenter
+from retclip.proposers.sam import DEFAULT_SAM, SamImage, SamSegmenter
 
 if TYPE_CHECKING:
     from retclip.images import SourceImage
@@ -101,8 +102,22 @@ class SamGridProposer(MaskProposer):
     def propose(
         self, image: SourceImage, vocabulary: Vocabulary, text_embeddings: TextEmbeddings = None
     ) -> Proposals:
+        return self._propose(image, self.sam.embed(image.pixels))
+
+    def propose_batch(
+        self,
+        images: Sequence[SourceImage],
+        vocabularies: Sequence[Vocabulary],
+        text_embeddings: Sequence[TextEmbeddings] | None = None,
+    ) -> list[Proposals]:
+        """SAM's image encoder over all images in one pass; each image's grid decoded alone."""
+        if len(images) <= 1:
+            return super().propose_batch(images, vocabularies, text_embeddings)
+        embedded = self.sam.embed_batch([image.pixels for image in images])
+        return [self._propose(image, e) for image, e in zip(images, embedded, strict=True)]
+
+    def _propose(self, image: SourceImage, sam_image: SamImage) -> Proposals:
         height, width = image.size
-        sam_image = self.sam.embed(image.pixels)
         points = point_grid(self.points_per_side, height, width)
         logits: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []

@@ -31,7 +31,16 @@ class TopKDetector(GroundingDinoDetector):
         self.max_boxes = max_boxes
 
     def detect(self, image: np.ndarray, classes: Sequence[str]) -> Detections:
-        found = super().detect(image, classes)
+        return self._top(super().detect(image, classes))
+
+    def detect_batch(
+        self, images: Sequence[np.ndarray], classes: Sequence[Sequence[str]]
+    ) -> list[Detections]:
+        if len(images) <= 1:
+            return [self.detect(image, names) for image, names in zip(images, classes, strict=True)]
+        return [self._top(found) for found in super().detect_batch(images, classes)]
+
+    def _top(self, found: Detections) -> Detections:
         return found.select(found.scores.argsort(descending=True)[: self.max_boxes])
 
 

@@ -90,12 +90,27 @@ def test_mask_tier(tiny_args: list[str]) -> None:
 
 
 def test_gpu_check_python_part_on_cpu(tiny_args: list[str]) -> None:
-    # FC-CLIP's random head is built at real size only (bench_rows.fcclip_checkpoint): not here
-    paths = [path for path in gpu_check.PATHS if path != "fcclip"]
-    argv = [*tiny_args, "--device", "cpu", "--dtypes", "float32", "--images", "1", "--paths"]
-    text = gpu_check.main([*argv, *paths])
+    text = gpu_check.main([*tiny_args, "--quick", "--images", "2"])
+    paths = [path for path in gpu_check.PATHS if path != "fcclip"]  # real-size head only
     for path in paths:
-        assert f"| {path} | float32 |" in text
+        for precision in ("fp32", "bf16"):
+            for batch in (1, 4):
+                assert f"| {path} | float32 | {precision} | {batch} |" in text
+    assert text.count("| db build | float32 |") == 8  # the images/s and the stage tables
+
+
+def test_gpu_check_sh_dry_run_parses_and_runs_without_a_gpu(tmp_path: Path) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], timeout=30).returncode == 0
+    run = subprocess.run(
+        ["bash", str(script), "--quick", "--no-save", "--paths", "db build", "--models-dir",
+         str(tmp_path), "--batch-sizes", "1", "--precisions", "fp32"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| db build | float32 | fp32 | 1 |" in run.stdout
 
 
 def test_gpu_check_refuses_to_start_without_cuda() -> None:
@@ -120,6 +135,15 @@ def test_index_scale_quick() -> None:
     recalls = [float(line.split("|")[8]) for line in table[1:]]
     assert all(0 < recall <= 1 for recall in recalls)
     assert "| 1,000,000,000 |" in text  # the projection
+
+
+def test_throughput_quick() -> None:
+    from bench import bench_throughput
+
+    text = bench_throughput.main(["--quick", "--no-save"])
+    for run in ("db build, batch 1", "db build, batch 4", "db build, batch 2", "segment, batch 2"):
+        assert f"| {run} |" in text
+    assert text.count("| 1 |") >= 3  # each table's batch-1 baseline
 
 
 def test_rows(tiny_args: list[str]) -> None:
@@ -162,3 +186,10 @@ def test_fcclip_forward_against_the_original() -> None:
     text = bench_fcclip_forward.main(argv)
     assert "| FC-CLIP forward (original) |" in text and "target ≤ 1.05×" in text
     assert '"keys": 206' in text  # the original's full state dict, loaded by retclip
+
+
+def test_ray_build_commit_table_quick() -> None:
+    from bench import ray_build
+
+    text = ray_build.main(["--commit-only", "--quick", "--no-save"])
+    assert "| 2 | 200 | 2 |" in text and "resume read s" in text and "| 2 | 10 | 20 |" in text

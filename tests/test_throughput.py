@@ -346,3 +346,17 @@ def test_sam_encoder_batch_gives_each_image_its_own_embedding(family, world, tmp
         for a, b in zip(many.high_res, one.high_res, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(sam.segment_boxes(many, box)[0], sam.segment_boxes(one, box)[0])
+
+
+def test_compile_option_reaches_sams_image_encoder(tiny, monkeypatch) -> None:
+    from retclip.pipeline import ModelSpec
+
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    spec = ModelSpec(backbone="color", proposer="sam-grid", sam=str(tiny["sam"]), compile=True,
+                     points_per_side=2)  # fmt: skip
+    _, proposer = spec.load()
+    encoder = proposer.sam.model.get_image_embeddings  # type: ignore[union-attr]
+    assert isinstance(encoder, Compiled)
+    plain = ModelSpec(backbone="color", proposer="sam-grid", sam=str(tiny["sam"]),
+                      points_per_side=2).load()[1]  # fmt: skip
+    assert not isinstance(plain.sam.model.get_image_embeddings, Compiled)  # type: ignore[union-attr]

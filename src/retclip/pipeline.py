@@ -73,8 +73,8 @@ class ModelSpec(BaseModel):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the backbone's image tower (a warning and eager mode where "
-        "compiling fails).",
+        description="torch.compile the backbone's image tower and SAM's image encoder (a warning "
+        "and eager mode where compiling fails).",
     )
     batch_size: int = Field(
         1,
@@ -196,7 +196,13 @@ class ModelSpec(BaseModel):
             options.update(device=resolve_device(self.device), dtype=self.dtype)
         if self.proposer == "fcclip":
             options["backbone"] = backbone  # one ConvNeXt for proposals and classification
-        return load_proposer(self.proposer, gt_json=self.gt_json, gt_masks=self.gt_masks, **options)
+        proposer = load_proposer(
+            self.proposer, gt_json=self.gt_json, gt_masks=self.gt_masks, **options
+        )
+        sam = getattr(proposer, "sam", None)
+        if self.compile and sam is not None and hasattr(sam, "compile_encoder"):
+            sam.compile_encoder()  # the mask model's image encoder too
+        return proposer
 
     def load(self) -> tuple[Backbone, MaskProposer | None]:
         """The backbone and proposer (``None`` if not named) this spec describes."""

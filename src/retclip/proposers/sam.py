@@ -153,6 +153,16 @@ class SamSegmenter:
         self.image_size = int(self.model.config.prompt_encoder_config.image_size)
         self.prompt_batch = prompt_batch
 
+    def compile_encoder(self) -> None:
+        """``--compile``: the image encoder (``get_image_embeddings``) through ``torch.compile``
+        (:class:`~retclip.acceleration.Compiled`: a warning and eager mode where it fails)."""
+        from retclip.acceleration import Compiled
+
+        if not isinstance(self.model.get_image_embeddings, Compiled):
+            self.model.get_image_embeddings = Compiled(
+                self.model.get_image_embeddings, f"{self.model_type} image encoder"
+            )
+
     @property
     def stretches(self) -> bool:
         """SAM 2 / EdgeTAM: the image is resized to the whole input square (no padding)."""

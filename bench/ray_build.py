@@ -10,14 +10,16 @@ and from the two the rate once running (medians of interleaved runs). The per-st
 times the per-image function the workers run (``image_rows``) in a single-process build,
 interleaved with the Ray runs, by wrapping library functions from outside (``StageTimer``); the
 driver's commits are timed in the Ray runs too. The commit table times one commit of a batch
-into a database that already lists S completed images (``meta.json`` grows with S and every
-commit rewrites it): the rate one writer can sustain.
+into a database that already holds S completed images: the rate one writer can sustain
+(``--commit-only``: that table alone, without Ray or models).
 
     OMP_NUM_THREADS=1 python -m bench.ray_build --images 48 --workers 1 2
+    OMP_NUM_THREADS=1 python -m bench.ray_build --commit-only --commit-sizes 1000 10000 100000
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -119,8 +121,13 @@ def _stage_profile(
             "total": total / len(items)}  # fmt: skip
 
 
-def _commit_cost(root: Path, sizes: Sequence[int], batch: int, rows_per_image: int) -> list[list]:
-    """Seconds of one commit of ``batch`` images into a database listing S completed images."""
+def _commit_cost(
+    root: Path, sizes: Sequence[int], batch: int, rows_per_image: int, grow_step: int = 5000
+) -> list[list]:
+    """One writer's commit of ``batch`` images (``rows_per_image`` rows each) into a database
+    already holding S completed images, for each S in ``sizes``: median seconds of 3 commits, the
+    shards and ``meta.json`` size at S, and the seconds a resume spends reading every completed
+    source once (:meth:`FeatureDatabase.completed_sources` of a freshly opened database)."""
     dim = 768
     rng = np.random.default_rng(0)
     db = FeatureDatabase.create(root / "commits", fingerprint=BackboneFingerprint("bench"), dim=dim)
@@ -138,15 +145,98 @@ def _commit_cost(root: Path, sizes: Sequence[int], batch: int, rows_per_image: i
 
     for size in sizes:
         while done < size:  # grow in large commits of a row an image (not what is measured)
-            step = min(size - done, 5000)
+            step = min(size - done, grow_step)
             commit(done, step, rows_each=1)
             done += step
+        start = time.perf_counter()
+        resumed = FeatureDatabase.open(db.path, verify=False).completed_sources("bench")
+        resume = time.perf_counter() - start
+        assert len(resumed) == done
         seconds = [commit(done + i * batch, batch) for i in range(3)]
         done += 3 * batch
         meta = (db.path / "meta.json").stat().st_size
         cost = median(seconds)
-        out.append([size, batch, cost, batch / cost, meta / 2**20])
+        shards = len(list((db.path / "shards").glob("*.npz")))
+        version = json.loads((db.path / "meta.json").read_text())["format_version"]
+        out.append([version, size, batch, cost, batch / cost, shards, meta / 2**10, resume])
     return out
+
+
+def _commit_cost_by_shards(root: Path, counts: Sequence[int], batch: int) -> list[list]:
+    """The same commit (``batch`` images × 8 rows) into a database grown by commits of that
+    size to each shard count in ``counts`` (what a build with ``--batch-size batch`` makes):
+    ``meta.json`` lists every shard, so this is the part of a commit that still grows."""
+    dim = 768
+    rng = np.random.default_rng(1)
+    db = FeatureDatabase.create(root / "shards", fingerprint=BackboneFingerprint("bench"), dim=dim)
+    features = rng.standard_normal((8 * batch, dim)).astype(np.float32)
+    labels = [f"class{i % 600}" for i in range(8 * batch)]
+    out: list[list] = []
+    shards = 0
+
+    def commit() -> float:
+        nonlocal shards
+        sources = [f"/data/open-images/train/{shards * batch + i:012d}.jpg" for i in range(batch)]
+        start = time.perf_counter()
+        db.add(features, labels, sources=[s for s in sources for _ in range(8)],
+               build_id="bench", completed_sources=sources)  # fmt: skip
+        shards += 1
+        return time.perf_counter() - start
+
+    for count in counts:
+        while shards < count:
+            commit()
+        meta = (db.path / "meta.json").stat().st_size
+        at = shards
+        cost = median([commit() for _ in range(3)])
+        version = json.loads((db.path / "meta.json").read_text())["format_version"]
+        out.append([version, at, at * batch, cost, batch / cost, meta / 2**10])
+    return out
+
+
+def _commit_table(commits: list[list]) -> str:
+    headers = ["format", "completed images S", "images per commit", "commit s",
+               "images/s one writer", "shards", "meta.json KiB", "resume read s"]  # fmt: skip
+    return markdown_table(headers, commits)
+
+
+def _commit_only(args) -> str:
+    """The commit table alone (``--commit-only``): no Ray, no models."""
+    sizes = [50, 200] if args.quick else args.commit_sizes
+    batch = 2 if args.quick else args.batch_size
+    grow = 50 if args.quick else 5000
+    with tempfile.TemporaryDirectory(prefix="retclip-bench-commit-") as tmp:
+        start = time.perf_counter()
+        commits = _commit_cost(Path(tmp), sizes, batch, rows_per_image=8,
+                               grow_step=grow)  # fmt: skip
+        wall = time.perf_counter() - start
+        counts = [5, 10] if args.quick else args.shard_counts
+        by_shards = _commit_cost_by_shards(Path(tmp), counts, batch)
+    flat = commits[-1][3] / commits[0][3]
+    notes = (
+        f"One writer, one process: each S is reached by commits of {grow} images of one row "
+        f"each (untimed), then 3 commits of {batch} images × 8 rows (dim 768, float16) are "
+        "timed (median). 'resume read s': opening the database and reading every completed "
+        f"source once, what a resumed build does once per run. Commit time at the largest S is "
+        f"{flat:.2f}× the smallest (target ≤ 1.5×: "
+        f"{'met' if flat <= 1.5 else 'missed'}); this table's run took {wall:.0f} s."
+    )
+    tables = [_commit_table(commits)]
+    if by_shards:
+        headers = ["format", "shards", "completed images", "commit s", "images/s one writer",
+                   "meta.json KiB"]  # fmt: skip
+        tables.append(markdown_table(headers, by_shards))
+        notes += (
+            f" Second table: the same commit into a database grown by commits of {batch} images "
+            "(one shard each, as a build with that --batch-size makes): meta.json lists every "
+            "shard, the part of a commit that still grows."
+        )
+    return report(
+        "Database commit cost vs completed images (one writer)",
+        tables,
+        results=results_path(args),
+        notes=notes,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -160,8 +250,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         "--commit-sizes", type=int, nargs="*", default=[1000, 10000, 100000],
         help="completed images already in the database, for the commit table",
     )  # fmt: skip
+    parser.add_argument(
+        "--shard-counts", type=int, nargs="*", default=[],
+        help="with --commit-only: also time a commit at these shard counts (commits of "
+        "--batch-size images)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--commit-only", action="store_true", help="only the commit table (no Ray, no models)"
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="with --commit-only: two small sizes (smoke test)")  # fmt: skip
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    if args.commit_only:
+        return _commit_only(args)
     import ray
 
     with tempfile.TemporaryDirectory(prefix="retclip-bench-ray-") as tmp:
@@ -234,15 +336,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         "throughput": ["workers", "wall s", "start-up s", "images/s (wall)",
                        "images/s (running)", "× 1 worker", "driver commit ms / image",
                        "driver CPU ms / image"],
-        "commits": ["completed images S", "images per commit", "commit s", "images/s one writer",
-                    "meta.json MiB"],
     }  # fmt: skip
     return report(
         "Distributed build on Ray: 1 vs 2 workers, stages, commit cost",
         [
             markdown_table(headers["throughput"], throughput),
             markdown_table(["stage", "ms / image", "% of one process"], profile),
-            markdown_table(headers["commits"], commits),
+            _commit_table(commits),
         ],
         results=results_path(args),
         notes=notes,

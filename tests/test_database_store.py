@@ -90,7 +90,8 @@ def test_round_trip(tmp_path: Path) -> None:
     info = again.info()
     for key in ("rows", "rows_per_class", "dim", "fingerprint", "dtype", "metric", "index"):
         assert key in info
-    assert info["format_version"] == 1 and info["shards"] == 2 and info["path"] == str(db.path)
+    assert info["format_version"] == 2 and info["shards"] == 2 and info["path"] == str(db.path)
+    assert info["completed_sources"] == 6
     assert info["fingerprint"] == FP.to_dict() and info["build_ids"] == ["run1", "run2"]
     assert info["metric"] == "inner_product" and info["index"]["type"] == "auto"
     meta = json.loads((tmp_path / "db" / "meta.json").read_text())
@@ -210,8 +211,10 @@ def test_remove_classes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(again.features(), features[[0, 2, 4, 5, 7, 8]])
     assert again.provenance()["sources"].tolist() == ["a", "b", "c", "c", "d", "e"]
     assert again.rows_per_class() == {"cat": 4, "car": 2} and again.info()["shards"] == 1
-    assert sorted(p.name for p in (tmp_path / "db" / "shards").iterdir()) == ["000003.npz"]
+    shards = sorted(p.name for p in (tmp_path / "db" / "shards").iterdir())
+    assert shards == ["000003.completed.json", "000003.npz"]
     assert again.completed_sources("run1") == {"a", "b", "c", "empty.jpg"}
+    assert again.completed_sources("run2") == {"d", "e"}
     with pytest.raises(InputError, match=r"unknown class\(es\) 'horse'.*known labels: cat, car"):
         again.remove_classes(["horse", "cat"])
     assert len(FeatureDatabase.open(tmp_path / "db")) == 6
@@ -327,7 +330,8 @@ def test_deleted_shard(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("{not json", "not valid JSON"),
-        ('{"format_version": 7}', "format_version 7; expected 1"),
+        ('{"format_version": 0}', "format_version 0; expected 1 or 2"),
+        ('{"format_version": "2"}', "format_version '2'; expected 1 or 2"),
         ('{"format_version": 1, "dim": 16}', "missing or malformed 'fingerprint'"),
         ("[1, 2]", "expected a JSON object"),
     ],
@@ -345,16 +349,19 @@ def test_orphan_shard_is_ignored_and_cleaned(tmp_path: Path) -> None:
     orphan.write_bytes(_shard(tmp_path / "db", 2).read_bytes())  # committed shard, meta not
     temp = tmp_path / "db" / "shards" / ".000003.npz.tmp-123-abc"
     temp.write_bytes(b"half a shard")
+    for name in ("000003.completed.json", "000009.completed.json"):  # written, never committed
+        (tmp_path / "db" / "shards" / name).write_text('{"run1": ["q", "zz"]}')
     db = FeatureDatabase.open(tmp_path / "db")
     assert len(db) == 10 and db.features().shape == (10, DIM)
+    assert db.completed_sources("run1") == {"a", "b", "c", "empty.jpg"}
     db.add(rows(1, 4), ["cat"], sources=["q"])
     assert not temp.exists()
     assert sorted(p.name for p in (tmp_path / "db" / "shards").iterdir()) == [
-        "000001.npz",
-        "000002.npz",
-        "000003.npz",
+        f"00000{i}.{kind}" for i in (1, 2, 3) for kind in ("completed.json", "npz")
     ]
-    assert len(FeatureDatabase.open(tmp_path / "db")) == 11
+    again = FeatureDatabase.open(tmp_path / "db")
+    assert len(again) == 11 and again.completed_sources("") == {"q"}
+    assert again.completed_sources("run1") == {"a", "b", "c", "empty.jpg"}
 
 
 CHILD = textwrap.dedent(

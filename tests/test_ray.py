@@ -26,6 +26,7 @@ import test_sources
 from retclip.cli import cli
 from retclip.database import FeatureDatabase
 from retclip.database.build import BuildItem, build_database, items_from_dataset
+from retclip.database.shards import read_completed
 from retclip.database.sources import items_from_shards
 from retclip.datasets import CocoPanopticDataset
 from retclip.distributed import (
@@ -125,7 +126,7 @@ def assert_same_rows(db: FeatureDatabase, reference: FeatureDatabase) -> None:
         if key != "build_ids":
             np.testing.assert_array_equal(db.provenance()[key], values, err_msg=key)
     shards = lambda d: [  # noqa: E731
-        (s["rows"], sorted(v for done in s["completed_sources"].values() for v in done))
+        (s["rows"], sorted(v for done in read_completed(d.path, s).values() for v in done))
         for s in d._meta["shards"]
     ]
     assert shards(db) == shards(reference)

@@ -33,7 +33,10 @@ from retclip.files import (
     file_sha256,
 )
 
-FORMAT_VERSION = 1
+#: The format this code writes; it reads :data:`READ_VERSIONS` (1: completed sources listed in
+#: ``meta.json``; 2: in a file per shard, so ``meta.json`` stays O(shards)).
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 METRIC = "inner_product"
 DTYPES = ("float16", "float32")
 META_NAME = "meta.json"
@@ -41,6 +44,7 @@ SHARD_DIR = "shards"
 INDEX_NAME = "index.faiss"
 LOCK_NAME = ".lock"
 SHARD_NAME = re.compile(r"^\d{6,}\.npz$")
+COMPLETED_SUFFIX = ".completed.json"
 PROVENANCE_KEYS = ("sources", "boxes", "mask_areas", "scores", "build_ids")
 SHARD_KEYS = ("features", "label_ids", *PROVENANCE_KEYS)
 # Expected (dtype kind, trailing shape) of each shard array; features are checked separately.
@@ -138,6 +142,82 @@ def write_shard(shard_dir: Path, number: int, rows: ShardRows) -> dict[str, Any]
     }
 
 
+def completed_name(shard_file: str) -> str:
+    """The completed-sources file of shard ``NNNNNN.npz``: ``NNNNNN.completed.json``."""
+    return shard_file.removesuffix(".npz") + COMPLETED_SUFFIX
+
+
+def write_completed(
+    shard_dir: Path, shard_file: str, completed: Mapping[str, Iterable[str]]
+) -> dict[str, Any] | None:
+    """Write the sources a shard's commit finished, ``{build id: [source, ...]}``, atomically
+    beside the shard (format 2); returns its meta.json record, ``None`` when there are none."""
+    content = {b: sorted(set(s)) for b, s in sorted(completed.items())}
+    content = {b: s for b, s in content.items() if s}
+    if not content:
+        return None
+    name = completed_name(shard_file)
+    data = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    atomic_write(shard_dir / name, data, durable=True)
+    return {
+        "file": name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "sources": sum(len(s) for s in content.values()),
+    }
+
+
+def read_completed(db_path: Path, shard: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``{build id: [source, ...]}`` a committed shard's commit finished: from its meta.json entry
+    (format 1) or its completed-sources file (format 2), checked against its size and sha256."""
+    if "completed_sources" in shard:
+        return dict(shard["completed_sources"])
+    record = shard.get("completed")
+    if record is None:
+        return {}
+    path = db_path / SHARD_DIR / record["file"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatabaseError(
+            f"completed-sources file {path} is missing (the database changed on disk; reopen it)"
+        ) from None
+    except OSError as error:
+        raise DatabaseError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise DatabaseError(
+            f"corrupt completed-sources file {path}: its size or sha256 differs from {META_NAME}"
+        )
+    try:
+        content = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatabaseError(f"corrupt completed-sources file {path}: {error}") from None
+    if not isinstance(content, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in content.values()
+    ):
+        raise DatabaseError(
+            f"corrupt completed-sources file {path}: expected {{build id: [source, ...]}}"
+        )
+    return content
+
+
+def upgrade_meta(db_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Commit a format-1 ``meta`` as format 2 (under the writer lock): each shard's completed
+    sources move to its own file (written durably first; the shards themselves are untouched),
+    then ``meta.json`` is replaced, the commit point. A crash before that leaves format 1 (the
+    new files are unlisted leftovers, deleted by the next write); after it, format 2."""
+    if meta["format_version"] == FORMAT_VERSION:
+        return meta
+    upgraded = json.loads(json.dumps(meta))  # the caller's meta stays the committed one on error
+    for shard in upgraded["shards"]:
+        completed = shard.pop("completed_sources")
+        shard["build_ids"] = sorted(set(shard["build_ids"]) | set(completed))
+        shard["completed"] = write_completed(db_path / SHARD_DIR, shard["file"], completed)
+    upgraded["format_version"] = FORMAT_VERSION
+    write_meta(db_path, upgraded)
+    return upgraded
+
+
 @contextmanager
 def locked(db_path: Path) -> Iterator[None]:
     """Hold the database's exclusive writer lock (``.lock``, across processes)."""
@@ -169,8 +249,14 @@ def read_meta(db_path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise corrupt(meta_path, "expected a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise corrupt(meta_path, f"format_version {version!r}; expected {FORMAT_VERSION}")
+    if type(version) is int and version > FORMAT_VERSION:
+        raise DatabaseError(
+            f"feature database {db_path} has format_version {version}; this retclip reads "
+            f"format versions {READ_VERSIONS[0]} to {FORMAT_VERSION}: upgrade retclip to open it"
+        )
+    if type(version) is not int or version not in READ_VERSIONS:
+        expected = " or ".join(map(str, READ_VERSIONS))
+        raise corrupt(meta_path, f"format_version {version!r}; expected {expected}")
     try:
         DatabaseMeta.model_validate(meta)
     except ValidationError as error:
@@ -211,6 +297,25 @@ def check_shard_files(db_path: Path, meta: dict[str, Any], verify: bool) -> None
             )
         if verify and file_sha256(path) != shard["sha256"]:
             raise DatabaseError(f"corrupt shard {path}: sha256 differs from {META_NAME}")
+        record = shard.get("completed")
+        if record is None:
+            continue
+        path = db_path / SHARD_DIR / record["file"]
+        if not path.is_file():
+            raise DatabaseError(
+                f"corrupt feature database {db_path}: completed-sources file {path} listed in "
+                f"{META_NAME} is missing"
+            )
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise DatabaseError(
+                f"corrupt completed-sources file {path}: {size} bytes, {META_NAME} records "
+                f"{record['bytes']} (truncated or overwritten)"
+            )
+        if verify and file_sha256(path) != record["sha256"]:
+            raise DatabaseError(
+                f"corrupt completed-sources file {path}: sha256 differs from {META_NAME}"
+            )
 
 
 def read_shard(
@@ -307,6 +412,7 @@ def read_rows(db_path: Path, meta: dict[str, Any]) -> ShardRows:
 
 
 def merge_completed(records: Iterable[Mapping[str, Sequence[str]]]) -> dict[str, set[str]]:
+    """The union of ``{build id: sources}`` records (of shards, of databases)."""
     merged: dict[str, set[str]] = {}
     for record in records:
         for build_id, sources in record.items():

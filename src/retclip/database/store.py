@@ -9,7 +9,7 @@ Each row is one segment: its L2-normalised backbone feature (dim ``D``), the id 
 and where it came from. At inference a segment feature retrieves its ``k`` most similar rows
 (inner product of unit vectors = cosine) through a FAISS index (paper §2.2, retrieval path).
 
-Directory format (``format_version`` 1)::
+Directory format (``format_version`` 2)::
 
     DB/
       meta.json          human-readable (indent=2), the commit point; see below
@@ -21,6 +21,9 @@ Directory format (``format_version`` 1)::
                            mask_areas  [n] int64, mask pixels (-1 when unknown)
                            scores      [n] float32, detector confidence (NaN when unknown)
                            build_ids   [n] unicode, the build that added the row
+      shards/NNNNNN.completed.json
+                         the sources that shard's commit finished, ``{build id: [source, ...]}``
+                         (compact JSON; absent when it finished none)
       index.faiss        the persisted FAISS index (not written for "flat": rebuilding an exact
                          index is a copy of the features, and persisting it would double the disk)
       .lock              lock file serialising writers (filelock: flock(2) on Unix)
@@ -35,18 +38,31 @@ recorded; with the fingerprint it is the database's *recipe*, which queries must
 :class:`~retclip.database.index.IndexSpec` as ``{type, params}``), ``index_file`` (``null`` or
 ``{file, spec, generation, rows, bytes, sha256}``: the build parameters and data generation the
 persisted index was built for, and its checksum), ``shards`` (``[{file, rows, bytes, sha256,
-build_ids, completed_sources}]`` where ``completed_sources`` maps a build id to the sources that
-commit finished), ``generation`` (bumped by every data commit), ``created``/``updated`` (UTC ISO
-timestamps) and ``checksum`` (SHA-256 of the rest, so a hand edit reads as corruption). Row ``i``
-of the database is row ``i`` of the concatenated shards, in listed order.
+build_ids, completed}]``: ``build_ids`` includes every build the shard completed sources for, and
+``completed`` is ``null`` or ``{file, bytes, sha256, sources}`` of its completed-sources file),
+``generation`` (bumped by every data commit), ``created``/``updated`` (UTC ISO timestamps) and
+``checksum`` (SHA-256 of the rest, so a hand edit reads as corruption). Row ``i`` of the database
+is row ``i`` of the concatenated shards, in listed order. Nothing in ``meta.json`` grows with the
+rows or the images, only with the shards and labels: a commit rewrites O(shards) bytes there and
+writes O(its rows) bytes of shard, so its cost does not grow with the database (bench/RESULTS.md,
+"Database commit cost vs completed images").
 
-Commit protocol: a shard is written to a temporary name in ``shards/``, fsynced and renamed
-(``os.replace``) to its final name; then ``meta.json`` is written the same way. Replacing
-``meta.json`` is the commit point: a shard not listed there (left by a crash) is ignored, and
-deleted by the next write. A crash at any instant therefore leaves the database at its previous
-or its next committed state, never half-written and never with rows counted twice. Writers hold an
-exclusive ``flock`` on ``.lock`` and re-read ``meta.json`` under it, so concurrent writers
-serialise instead of losing commits. A :class:`FeatureDatabase` object reads a snapshot: commits by
+Format 1 listed each shard's completed sources in ``meta.json`` (``completed_sources`` in the
+shard entry; no ``.completed.json`` files), so every commit rewrote all of them. It is read as is
+(also on a read-only file system); the first write under the writer lock upgrades it, as a commit
+of its own (:func:`~retclip.database.shards.upgrade_meta`: the completed-sources files first,
+then ``meta.json``; the shards are untouched), so a crash leaves format 1 or format 2. A newer
+format than :data:`FORMAT_VERSION` is refused.
+
+Commit protocol: a shard and then its completed-sources file are each written to a temporary
+name in ``shards/``, fsynced and renamed (``os.replace``) to their final names; then ``meta.json``
+is written the same way. Replacing ``meta.json`` is the commit point: a file in ``shards/`` not
+listed there (left by a crash) is ignored, and deleted by the next write. A crash at any instant
+therefore leaves the database at its previous or its next committed state, never half-written and
+never with rows counted twice. Writers hold an exclusive ``flock`` on ``.lock`` and re-read
+``meta.json`` under it, so concurrent writers serialise instead of losing commits; a writer's
+check that its sources are not completed yet reads only the shards committed since its last check
+(committed files never change). A :class:`FeatureDatabase` object reads a snapshot: commits by
 other processes become visible when it is reopened or writes itself.
 """
 
@@ -91,14 +107,18 @@ from retclip.database.shards import (
     ShardRows,
     check_shard_files,
     column,
+    completed_name,
     iter_features,
     locked,
     merge_completed,
+    read_completed,
     read_meta,
     read_rows,
     read_shard,
     string_array,
+    upgrade_meta,
     utc_now,
+    write_completed,
     write_meta,
     write_shard,
 )
@@ -127,6 +147,9 @@ class FeatureDatabase:
         self._columns: dict[str, np.ndarray] | None = None
         self._index: faiss.Index | None = None
         self._index_key: tuple[int, str] | None = None
+        # build id -> ((file, sha256) of the shards read, their completed sources): listed shards
+        # never change, so a commit reads only the shards committed since (see _completed_by)
+        self._done: dict[str, tuple[list[tuple[str, str]], set[str]]] = {}
 
     # -- creation -------------------------------------------------------------------------
 
@@ -347,10 +370,22 @@ class FeatureDatabase:
 
     def completed_sources(self, build_id: str) -> set[str]:
         """Sources that commits of ``build_id`` finished (rows added or recorded as done): an
-        interrupted build resumes by skipping them."""
-        done: set[str] = set()
-        for shard in self._meta["shards"]:
-            done.update(shard["completed_sources"].get(build_id, ()))
+        interrupted build resumes by skipping them. Reads the completed-sources file of every
+        shard of that build (O(images)) on first use; later calls read only newer shards."""
+        return set(self._completed_by(self._meta, build_id))
+
+    def _completed_by(self, meta: dict[str, Any], build_id: str) -> set[str]:
+        """The sources ``build_id`` completed in the snapshot ``meta`` (the cache itself: not to
+        be changed). Incremental: when the shards read before are still the first ones listed,
+        only the shards after them are read (a commit costs O(its rows), not O(database))."""
+        keys = [(shard["file"], shard["sha256"]) for shard in meta["shards"]]
+        seen, done = self._done.get(build_id, ([], set()))
+        if keys[: len(seen)] != seen:  # shards replaced (compaction) or another database
+            seen, done = [], set()
+        for shard in meta["shards"][len(seen) :]:
+            if build_id in shard["build_ids"]:  # a commit's builds include its completed ones
+                done.update(read_completed(self._path, shard).get(build_id, ()))
+        self._done[build_id] = (keys, done)
         return done
 
     @property
@@ -402,6 +437,12 @@ class FeatureDatabase:
                 and all((self._path / name).is_file() for name in _ondisk_names(record)),
             },
             "shards": len(meta["shards"]),
+            "completed_sources": sum(
+                (s["completed"] or {}).get("sources", 0)
+                if "completed" in s
+                else sum(map(len, s["completed_sources"].values()))
+                for s in meta["shards"]
+            ),
             "bytes": sum(s["bytes"] for s in meta["shards"]),
             "build_ids": sorted({b for s in meta["shards"] for b in s["build_ids"]}),
             "generation": self.generation,
@@ -413,7 +454,8 @@ class FeatureDatabase:
 
     @contextmanager
     def _writing(self) -> Iterator[dict[str, Any]]:
-        """Lock, re-read the committed meta.json, drop crash leftovers; yields that meta.
+        """Lock, re-read the committed meta.json, drop crash leftovers; yields that meta, upgraded
+        to the current format first when older (one commit of its own, :func:`upgrade_meta`).
 
         A write that fails on the file system (a full disk, a read-only mount) ends as one
         :class:`DatabaseError`: the commit point (``meta.json``) is written last, so the database
@@ -423,6 +465,7 @@ class FeatureDatabase:
             meta = read_meta(self._path)
             try:
                 self._clean_orphans(meta)
+                meta = upgrade_meta(self._path, meta)
                 yield meta
             except OSError as error:
                 raise DatabaseError(
@@ -431,8 +474,9 @@ class FeatureDatabase:
                 ) from None
 
     def _clean_orphans(self, meta: dict[str, Any]) -> None:
-        """Delete shards not listed in ``meta`` and temp files left by a crashed writer."""
+        """Delete shard files not listed in ``meta`` and temp files left by a crashed writer."""
         listed = {shard["file"] for shard in meta["shards"]}
+        listed.update(s["completed"]["file"] for s in meta["shards"] if s.get("completed"))
         shard_dir = self._path / SHARD_DIR
         shard_dir.mkdir(exist_ok=True)
         for entry in shard_dir.iterdir():
@@ -460,8 +504,8 @@ class FeatureDatabase:
         """Write ``rows`` as a new shard and commit ``meta`` (appended, or replacing all shards)."""
         number = 1 + max((int(s["file"].split(".")[0]) for s in meta["shards"]), default=0)
         entry = write_shard(self._path / SHARD_DIR, number, rows)
-        entry["build_ids"] = sorted(set(build_ids))
-        entry["completed_sources"] = {b: sorted(s) for b, s in sorted(completed.items())}
+        entry["build_ids"] = sorted(set(build_ids) | set(completed))
+        entry["completed"] = write_completed(self._path / SHARD_DIR, entry["file"], completed)
         counts = np.bincount(rows.label_ids, minlength=len(labels))
         old_files = [s["file"] for s in meta["shards"]]
         if replace:
@@ -480,6 +524,7 @@ class FeatureDatabase:
         if replace:
             for name in old_files:
                 (self._path / SHARD_DIR / name).unlink(missing_ok=True)
+                (self._path / SHARD_DIR / completed_name(name)).unlink(missing_ok=True)
             fsync_dir(self._path / SHARD_DIR)
         self._refresh(meta)
 
@@ -545,17 +590,13 @@ class FeatureDatabase:
             if build_id:
                 # another writer of the same build may have committed these sources since this
                 # one started (two identical `db add` runs): re-checked under the lock, so a
-                # source's rows are committed once
-                already = {
-                    src
-                    for shard in meta["shards"]
-                    for src in shard["completed_sources"].get(build_id, ())
-                }
+                # source's rows are committed once (set look-ups: O(rows), not O(database))
+                already = self._completed_by(meta, build_id)
                 if already:
-                    fresh = ~np.isin(source_arr, list(already))
+                    fresh = np.array([s not in already for s in source_arr.tolist()], dtype=bool)
                     feats, label_arr, source_arr = feats[fresh], label_arr[fresh], source_arr[fresh]
                     box_arr, area_arr, score_arr = box_arr[fresh], area_arr[fresh], score_arr[fresh]
-                    done = done[~np.isin(done, list(already))]
+                    done = done[np.array([d not in already for d in done.tolist()], dtype=bool)]
                     n = int(fresh.sum())
                     if n == 0 and done.size == 0:
                         return 0
@@ -610,7 +651,7 @@ class FeatureDatabase:
             drop = np.array([i for i, name in enumerate(known) if name in wanted], dtype=np.int32)
             rows = read_rows(self._path, meta)
             keep = ~np.isin(rows.label_ids, drop) & ~np.isin(rows.sources, gone)
-            completed = merge_completed(s["completed_sources"] for s in meta["shards"])
+            completed = merge_completed(read_completed(self._path, s) for s in meta["shards"])
             forgotten = any(done & gone_set for done in completed.values())
             if keep.all() and not forgotten:
                 return 0
@@ -696,7 +737,7 @@ class FeatureDatabase:
         merged = ShardRows.concat(parts, first.dim, out_dtype)
         labels = [DatabaseLabel(name, synonyms) for name, synonyms in table.items()]
         completed = merge_completed(
-            s["completed_sources"] for db in databases for s in db._meta["shards"]
+            read_completed(db.path, s) for db in databases for s in db._meta["shards"]
         )
         build_ids = {b for db in databases for s in db._meta["shards"] for b in s["build_ids"]}
         out.parent.mkdir(parents=True, exist_ok=True)

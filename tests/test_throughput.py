@@ -360,3 +360,61 @@ def test_compile_option_reaches_sams_image_encoder(tiny, monkeypatch) -> None:
     plain = ModelSpec(backbone="color", proposer="sam-grid", sam=str(tiny["sam"]),
                       points_per_side=2).load()[1]  # fmt: skip
     assert not isinstance(plain.sam.model.get_image_embeddings, Compiled)  # type: ignore[union-attr]
+
+
+def test_decoding_and_writing_run_beside_the_models(world, tmp_path, monkeypatch) -> None:
+    """segment: decode thread → models on the caller's thread → writer thread (files, then the
+    manifest line); db build: decode threads → models → commit thread."""
+    import threading
+
+    import retclip.database.build
+    import retclip.images
+    from retclip.cli.segment import Manifest
+
+    where: dict[str, set[str]] = {}
+
+    def spy(name, fn):
+        def run(*args, **kwargs):
+            where.setdefault(name, set()).add(threading.current_thread().name.split("_")[0])
+            return fn(*args, **kwargs)
+
+        return run
+
+    decode = spy("decode", retclip.images.load_image)
+    monkeypatch.setattr(retclip.images, "load_image", decode)
+    monkeypatch.setattr(retclip.database.build, "load_image", decode)
+    result_cls = retclip.segmenter.SegmentationResult
+    monkeypatch.setattr(result_cls, "save", spy("save", result_cls.save))
+    monkeypatch.setattr(Manifest, "write", spy("manifest", Manifest.write))
+    monkeypatch.setattr(Segmenter, "finish", spy("segment models", Segmenter.finish))
+    monkeypatch.setattr(FeatureDatabase, "add", spy("commit", FeatureDatabase.add))
+    toy = type(load_backbone("toy"))
+    monkeypatch.setattr(toy, "encode_images", spy("build models", toy.encode_images))
+    result = run("segment", world / "images", "--backbone", "color", "--proposer", "regions",
+                 "--classes", "red", "--batch-size", 2, "--out", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gt = ["--coco-panoptic", world / "panoptic_db.json", "--images", world / "images"]
+    result = run("db", "build", tmp_path / "db", "--backbone", "toy", "--batch-size", 3, *gt)
+    assert result.exit_code == 0, result.output
+    assert where == {
+        "decode": {"decode"},
+        "segment models": {"MainThread"},
+        "save": {"write"},
+        "manifest": {"write"},
+        "build models": {"MainThread"},
+        "commit": {"commit"},
+    }
+
+
+def test_the_throughput_options_reach_every_command_that_runs_models() -> None:
+    runner = CliRunner()
+    helps = {
+        name: runner.invoke(cli, [*name.split(), "--help"]).output
+        for name in ("segment", "db build", "db add", "eval", "serve")
+    }
+    for name, text in helps.items():
+        assert "--precision" in text and "--compile" in text, name
+    for name in ("segment", "db build", "db add"):
+        assert "--batch-size" in helps[name], name
+    assert "--batch-size" not in helps["serve"]  # its micro-batches are --batch
+    assert "[default: 8]" in helps["db build"].split("--batch-size")[1].split("--")[0]

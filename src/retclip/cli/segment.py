@@ -9,7 +9,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +186,11 @@ def _batches_of(decoded: Iterator[_Decoded], size: int) -> Iterator[list[_Decode
 
 
 def _results(
-    segmenter: Any, vocabulary: Any, tasks: list[ImageTask], batch_size: int = 1
+    segmenter: Any,
+    vocabulary: Any,
+    tasks: list[ImageTask],
+    batch_size: int = 1,
+    on_written: Callable[[ImageTask, Any, float], None] | None = None,
 ) -> Iterator[tuple[ImageTask, Any, float]]:
     """Each task's result (or the :class:`RetclipError` of an image found in a folder) and its
     seconds (its decoding, its share of its batch's model time, and writing its files), in
@@ -194,22 +198,14 @@ def _results(
 
     Three stages overlap: a thread decodes up to two batches ahead, the caller's thread runs the
     models on ``batch_size`` images at a time (:meth:`Segmenter.segment_batch`), and one writer
-    thread saves the results, in order. An error of an image named explicitly, or any other
-    error of a thread, is raised here."""
+    thread saves the results, in order, then calls ``on_written`` (the manifest line). An error
+    of an image named explicitly, or any other error of a thread, is raised here."""
 
     def save(task: ImageTask, outcome: Any, seconds: float) -> tuple[ImageTask, Any, float]:
-        if isinstance(outcome, RetclipError):
-            if task.explicit:
-                raise outcome
-            return task, outcome, seconds
-        start = time.perf_counter()
-        try:
-            outcome.save(task.out_dir, task.stem)
-        except RetclipError as error:
-            if task.explicit:
-                raise
-            return task, error, seconds + time.perf_counter() - start
-        return task, outcome, seconds + time.perf_counter() - start
+        done = _save(task, outcome, seconds)
+        if on_written is not None:
+            on_written(*done)
+        return done
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
         written: deque[Future[tuple[ImageTask, Any, float]]] = deque()
@@ -235,6 +231,22 @@ def _results(
                 yield written.popleft().result()
         while written:
             yield written.popleft().result()
+
+
+def _save(task: ImageTask, outcome: Any, seconds: float) -> tuple[ImageTask, Any, float]:
+    """Write a result's files (in the writer thread); a folder image's error is its outcome."""
+    if isinstance(outcome, RetclipError):
+        if task.explicit:
+            raise outcome
+        return task, outcome, seconds
+    start = time.perf_counter()
+    try:
+        outcome.save(task.out_dir, task.stem)
+    except RetclipError as error:
+        if task.explicit:
+            raise
+        return task, error, seconds + time.perf_counter() - start
+    return task, outcome, seconds + time.perf_counter() - start
 
 
 @click.command(cls=CleanErrorsCommand)
@@ -311,20 +323,28 @@ def segment(
         segmenter = build_segmenter(spec)
         bar = tqdm(total=len(todo), unit="img", desc="segment", disable=len(todo) < 2)
         failed = 0
-        for task, outcome, seconds in _results(segmenter, vocabulary, todo, spec.model.batch_size):
-            record: dict[str, Any] = {"image": str(task.path), "seconds": round(seconds, 3)}
+
+        def record(task: ImageTask, outcome: Any, seconds: float) -> None:
+            """The image's manifest line, in the writer thread once its files are written."""
+            line: dict[str, Any] = {"image": str(task.path), "seconds": round(seconds, 3)}
+            if isinstance(outcome, RetclipError):
+                line.update(status="error", error=str(outcome))
+            else:
+                line.update(
+                    status="ok", segments=len(outcome.segments), outputs=_output_files(task)
+                )
+            manifest.write(line)
+
+        batch_size = spec.model.batch_size
+        for task, outcome, _ in _results(segmenter, vocabulary, todo, batch_size, record):
             if isinstance(outcome, RetclipError):
                 failed += 1
-                record.update(status="error", error=str(outcome))
                 bar.write(f"{task.path}: error: {outcome}")
             else:
                 found = sorted({outcome.label_of(s) for s in outcome.segments})
-                paths = [*_output_files(task)]
-                record.update(status="ok", segments=len(outcome.segments), outputs=paths)
                 bar.write(
                     f"{task.path}: {len(outcome.segments)} segments ({', '.join(found) or 'none'})"
                 )
-            manifest.write(record)
             bar.update(1)
         bar.close()
         if failed:

@@ -418,3 +418,22 @@ def test_the_throughput_options_reach_every_command_that_runs_models() -> None:
         assert "--batch-size" in helps[name], name
     assert "--batch-size" not in helps["serve"]  # its micro-batches are --batch
     assert "[default: 8]" in helps["db build"].split("--batch-size")[1].split("--")[0]
+
+
+def test_compile_traces_the_toy_trunk_with_dynamo(monkeypatch) -> None:
+    """Real ``torch.compile`` graph capture (dynamo; the eager backend skips inductor's C++
+    build, which takes over a minute on a small CPU): same features, no fallback."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    backbone = load_backbone("toy")
+    monkeypatch.setattr(backbone.model, "dense", backbone.model.dense)  # undone after the test
+    images = torch.rand(2, 3, 48, 64) * 255
+    reference = backbone.encode_images(images)
+    backbone.compile_image_tower()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn
+        with torch.inference_mode():
+            compiled = backbone.encode_images(images)
+    assert isinstance(backbone.model.dense, Compiled) and not backbone.model.dense.failed
+    torch.testing.assert_close(compiled, reference)

@@ -141,6 +141,7 @@ def test_build_rows_of_a_batch_with_own_labels_per_image_equal_one_by_one(world,
     labels = [("circle",), ("square", "stripes", "dots"), ("ring", "waves")]
     items = [BuildItem(str(p), names) for p, names in zip(paths, labels, strict=True)]
     images = [load_image(p) for p in paths]
+    images[1] = images[1][:, :80]  # another size: a detector call and a backbone pass of its own
     batched = batch_rows(backbone, proposer, items, images)
     for item, image, rows in zip(items, images, batched, strict=True):
         alone = image_rows(backbone, proposer, item, image)

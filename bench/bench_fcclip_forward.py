@@ -13,8 +13,9 @@ Timed, one thread each, alternating image by image (retclip, original, retclip, 
 FC-CLIP's head, mask pooling, ``s_clip`` + ``s_ret`` against a database of random rows, the
 panoptic merge) vs the original's ``model([{"image", "height", "width"}])`` on the image the test
 ``DatasetMapper`` resized (its resize is not timed), semantic + panoptic + instance inference.
-Text classifiers are computed before timing on both sides (FC-CLIP keeps its own; retclip caches
-per vocabulary). Target: retclip ≤ 1.05× the original.
+Text classifiers are set before timing on both sides (FC-CLIP keeps its own; retclip caches per
+vocabulary): by default random unit rows of their shapes (``--text computed``: each side's text
+tower, tens of minutes for 150 classes on one thread). Target: retclip ≤ 1.05× the original.
 
 ``--quick``: the fixtures' reduced architecture (tests/fixtures/fcclip) on a 48×64 image; without
 the original, retclip's side alone on the fixture's weights.
@@ -36,6 +37,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import retclip.segmenter as segmenter_module
 from bench.common import (
@@ -52,6 +54,7 @@ from retclip.backbones.base import Backbone
 from retclip.database import FeatureDatabase
 from retclip.fcclip.checkpoint import convert_fcclip, read_checkpoint
 from retclip.pipeline import ModelSpec, PipelineSpec, build_segmenter
+from retclip.text_embeddings import ClassEmbeddings
 from retclip.vocabulary import Vocabulary
 
 DRIVER = Path(__file__).resolve().parent / "fcclip_original.py"
@@ -67,9 +70,11 @@ STAGES = ("FC-CLIP proposer", "model forward", "scores", "retrieval", "merge")
 class Original:
     """The original FC-CLIP in its own python, spoken to in JSON lines (fcclip_original.py)."""
 
-    def __init__(self, python: Path, root: Path, state: Path, threads: int, reduced: bool) -> None:
+    def __init__(
+        self, python: Path, root: Path, state: Path, threads: int, reduced: bool, text: str
+    ) -> None:
         command = [str(python), str(DRIVER), "--fcclip-root", str(root), "--state", str(state),
-                   "--threads", str(threads)]  # fmt: skip
+                   "--threads", str(threads), "--text", text]  # fmt: skip
         if reduced:
             command += ["--reduced", "--tests", str(TESTS)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -152,12 +157,30 @@ def random_database(path: Path, backbone: Backbone, rows: int, names: Sequence[s
     return path
 
 
+def random_text(vocab: Vocabulary, dim: int) -> ClassEmbeddings:
+    """Random unit synonym embeddings ``[S, dim]`` of ``vocab`` (one row per synonym)."""
+    synonym_class = [i for i, entry in enumerate(vocab.classes) for _ in entry.synonyms]
+    rows = torch.randn(len(synonym_class), dim, generator=torch.Generator().manual_seed(0))
+    return ClassEmbeddings(
+        F.normalize(rows, dim=-1), torch.tensor(synonym_class, dtype=torch.long), len(vocab)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--fcclip-python", type=Path, default=None)
     parser.add_argument("--fcclip-root", type=Path, default=None)
     parser.add_argument("--db-rows", type=int, default=1000)
     parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
+    parser.add_argument(
+        "--text",
+        choices=("random", "computed"),
+        default="random",
+        help="text classifiers: random unit rows of their shapes on both sides (the default: "
+        "the text towers' outputs do not change the forward's cost, and 150 ADE20k classes × "
+        "synonyms × 14 templates through ConvNeXt-L CLIP's text tower take tens of minutes on "
+        "one thread) or computed by each side's own code",
+    )
     parser.add_argument("--quick", action="store_true", help="the fixtures' reduced FC-CLIP")
     args = parser.parse_args(argv)
     if args.quick:
@@ -176,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         pth = tmp / "fcclip_random.pth"
         original = None
         if absent is None:
-            original = Original(args.fcclip_python, args.fcclip_root, pth, args.threads, reduced)
+            original = Original(
+                args.fcclip_python, args.fcclip_root, pth, args.threads, reduced, args.text
+            )
         else:  # --quick without the original: the fixture's weights (original key names)
             from safetensors.torch import load_file
 
@@ -200,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> str:
             segmenter = build_segmenter(
                 PipelineSpec(model=model, db=db), models=(backbone, model.load_proposer(backbone))
             )
+            if args.text == "random":
+                text = random_text(vocab, backbone.dim)
+                segmenter.class_embeddings = lambda _vocab: text  # type: ignore[method-assign]
             segmenter.class_embeddings(vocab)  # cached per vocabulary, as in a run
             proposer: Any = segmenter.proposer
             targets = [
@@ -260,13 +288,18 @@ def main(argv: Sequence[str] | None = None) -> str:
         if info
         else "the fixture's weights (original key names"
     )
+    text_note = (
+        "computed by each side's text tower"
+        if args.text == "computed"
+        else "of random unit rows, one per synonym, set"
+    )
     notes = (
         f"FC-CLIP {arch}, {weights}, {conversion}); {len(vocab)} ADE20k classes; image "
         f"{args.image_size[0]}×{args.image_size[1]} resized to {resized} (short side 800, long "
         f"≤ 1333); {args.threads} thread(s) on both sides; retclip with a database of "
         f"{args.db_rows} random rows (flat index, k = {k}); "
-        f"text classifiers computed before timing on both sides; {n} alternating rounds after one "
-        f"untimed call each, medians. Original: {json.dumps(info)}. Target: {verdict}."
+        f"text classifiers {text_note} before timing on both sides; {n} alternating rounds "
+        f"after one untimed call each, medians. Original: {json.dumps(info)}. Target: {verdict}."
     )
     return report(
         "FC-CLIP: retclip segment --proposer fcclip vs the original's forward",

@@ -7,7 +7,9 @@ ConvNeXt-L CLIP ``convnext_large_d_320``, 250 queries, 150 ADE20k classes) with 
 (``torch.manual_seed(0)``, no download), or with ``--reduced`` the tiny architecture of
 ``tests/fixtures/fcclip`` (its README says how), saves ``model.state_dict()`` with the original
 key names as ``{"model": state}`` (``.pth``, what ``retclip convert-fcclip`` reads), computes its
-text classifier once, prints one JSON line, then serves one JSON line per command read from stdin:
+text classifier once (``--text computed``; by default random unit rows of its shape, as computing
+150 classes × synonyms × 14 templates with the real text tower takes tens of minutes on one CPU
+thread), prints one JSON line, then serves one JSON line per command read from stdin:
 
 - ``{"image": "x.npy"}``: load an ``[H, W, 3]`` uint8 image and resize it as the test
   ``DatasetMapper`` does (``ResizeShortestEdge`` 800 / 1333); reply its resized size;
@@ -58,6 +60,12 @@ def main() -> None:
     parser.add_argument("--reduced", action="store_true", help="the fixtures' tiny architecture")
     parser.add_argument("--tests", type=Path, help="retclip's tests/ (tiny models, --reduced)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--text",
+        choices=("random", "computed"),
+        default="random",
+        help="text classifier: random unit rows of its shape, or computed by its text tower",
+    )
     args = parser.parse_args()
 
     # the compiled deformable-attention op is absent on CPU: an empty stand-in lets the import
@@ -117,8 +125,15 @@ def main() -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     args.state.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state}, args.state)
-    with torch.no_grad():
-        model.get_text_classifier()  # computed once and kept by the model (test_text_classifier)
+    if args.text == "computed":
+        with torch.no_grad():
+            model.get_text_classifier()  # computed once, kept as model.test_text_classifier
+    else:  # one row per synonym, as get_text_classifier gives (its values do not change cost)
+        rows = sum(model.test_num_templates)
+        text = torch.randn(
+            rows, cfg.MODEL.FC_CLIP.EMBED_DIM, generator=torch.Generator().manual_seed(0)
+        )
+        model.test_text_classifier = torch.nn.functional.normalize(text, dim=-1)
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
     reply(
         ready=True,
@@ -126,6 +141,8 @@ def main() -> None:
         queries=cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
         classes=len(model.test_metadata.stuff_classes),
         keys=len(state),
+        text=args.text,
+        synonyms=int(model.test_text_classifier.shape[0]),
         threads=torch.get_num_threads(),
     )
     inputs: dict[str, object] | None = None

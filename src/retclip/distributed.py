@@ -5,15 +5,17 @@ pool: each actor builds its models once, from the same factory the single-proces
 (``ModelSpec.load`` / ``build_segmenter``), on a GPU when the cluster has them. Results travel
 back to the driver, which is the only writer:
 
-- a build commits rows with the database's atomic protocol (:func:`~retclip.database.build.
-  commit_rows`: one commit per batch of images, each recording its images as completed by the
-  build), in item order, so the database equals the single-process build's row for row, and a
-  build killed anywhere (driver or worker) resumes with nothing lost or duplicated: a worker that
-  dies has its block retried by Ray, and the driver takes each image's result once;
+- a build's unit of work is a commit batch: a worker passes its images through the models
+  together (:func:`~retclip.database.build.batch_rows`, as the single-process build does) and
+  the driver commits each batch with the database's atomic protocol (:func:`~retclip.database.
+  build.commit_rows`, recording its images as completed by the build), in item order, so the
+  database equals the single-process build's row for row, to the bit, and a build killed
+  anywhere (driver or worker) resumes with nothing lost or duplicated: a worker that dies has
+  its block retried by Ray, and the driver takes each batch's result once;
 - an evaluation writes each image's scores into the :class:`~retclip.evaluation.cache.
   ScoreCache` as it arrives (the cache stays resumable) and scores the metrics itself.
 
-Per-image work is :func:`~retclip.database.build.image_rows` and ``Segmenter.__call__``, the same
+The model work is :func:`~retclip.database.build.batch_rows` and ``Segmenter.__call__``, the
 functions the single-process paths call. Errors caused by input (a corrupt image, a model that is
 not available on a node) travel back as results and are raised by the driver where the
 single-process path would raise them. Image paths, ground truth and databases are read by the
@@ -37,13 +39,14 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from retclip.acceleration import Precision, autocast, check_precision
 from retclip.backbones.base import Backbone
 from retclip.database.build import (
     BuildItem,
     BuildReport,
     ImageRows,
+    batch_rows,
     commit_rows,
-    image_rows,
     pending_items,
 )
 from retclip.database.store import FeatureDatabase
@@ -66,8 +69,8 @@ __all__ = [
 
 #: The Python modules of the ``ray`` extra.
 RAY_MODULES = ("ray", "pyarrow")
-#: Images per Ray Data block (what Ray retries when a worker dies), once there are four blocks
-#: per worker to share out.
+#: Images per Ray Data block (what Ray retries when a worker dies; a build's blocks hold whole
+#: commit batches), once there are four blocks per worker to share out.
 BLOCK_IMAGES = 16
 #: Model workers one decode task serves.
 DECODE_SHARE = 4
@@ -184,14 +187,12 @@ def ray_session(cluster: RayCluster) -> Iterator[tuple[Any, _Resources]]:
 
 
 class ImageTask(Protocol):
-    """One image of a distributed run: its name and how to read it (picklable: it travels to
-    the decode tasks). :class:`~retclip.database.build.BuildItem` is one."""
+    """One unit of a distributed run (picklable: it travels to the decode tasks): an image, or
+    the images of one commit batch, and how to read them."""
 
-    @property
-    def source(self) -> str: ...
-
-    def load(self) -> np.ndarray:
-        """``[H, W, 3]`` uint8 RGB; raises :class:`InputError` naming the image."""
+    def load(self) -> Any:
+        """What the model stage takes (``[H, W, 3]`` uint8 RGB, or a list of them); raises
+        :class:`InputError` naming the image."""
         ...
 
 
@@ -205,8 +206,8 @@ class _ImageFile:
         return load_image(self.source)
 
 
-#: What a worker's models do with one decoded image.
-Run = Callable[[Any, np.ndarray], Any]
+#: What a worker's models do with one decoded task (an image, or a batch's images).
+Run = Callable[[Any, Any], Any]
 
 
 def _error_payload(error: RetclipError) -> bytes:
@@ -214,16 +215,21 @@ def _error_payload(error: RetclipError) -> bytes:
 
 
 def _decode(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Decode stage (Ray tasks): each task's image, or the input error reading it raised."""
+    """Decode stage (Ray tasks): each task's pixels (pickled: a batch's images differ in
+    size), or the input error reading them raised."""
     pixels, errors = [], []
     for task in batch["task"].tolist():
         try:
-            pixels.append(pickle.loads(task).load())
+            pixels.append(pickle.dumps(pickle.loads(task).load()))
             errors.append(b"")
         except RetclipError as error:
-            pixels.append(np.zeros((1, 1, 3), np.uint8))
+            pixels.append(b"")
             errors.append(_error_payload(error))
-    return {**batch, "pixels": pixels, "error": np.array(errors, dtype=object)}
+    return {
+        **batch,
+        "pixels": np.array(pixels, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
 
 
 class _StageWorker:
@@ -245,8 +251,7 @@ class _StageWorker:
                 payloads.append(error or self._error)
                 continue
             try:
-                image = np.array(pixels, dtype=np.uint8, copy=True)  # Ray's arrays are read-only
-                payloads.append(pickle.dumps(self._run(pickle.loads(task), image)))
+                payloads.append(pickle.dumps(self._run(pickle.loads(task), pickle.loads(pixels))))
             except RetclipError as exc:
                 payloads.append(_error_payload(exc))
         return {"position": batch["position"], "payload": np.array(payloads, dtype=object)}
@@ -259,8 +264,10 @@ def _stream(
     setup: Callable[[], Run],
     *,
     ordered: bool,
+    per_block: int = BLOCK_IMAGES,
 ) -> Generator[tuple[int, Any], None, None]:
-    """``(position, result)`` of each task through decode → model stage.
+    """``(position, result)`` of each task through decode → model stage (``per_block`` tasks
+    to a Ray Data block, once there are four blocks per worker).
 
     Input errors are yielded as results (exceptions), at their position; with ``ordered`` the
     results come in task order. A task whose block Ray retried is yielded once.
@@ -269,7 +276,7 @@ def _stream(
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = ordered
-    blocks = min(len(tasks), max(4 * resources.workers, math.ceil(len(tasks) / BLOCK_IMAGES)))
+    blocks = min(len(tasks), max(4 * resources.workers, math.ceil(len(tasks) / per_block)))
     dataset = ray.data.from_items(
         [{"position": i, "task": pickle.dumps(task)} for i, task in enumerate(tasks)],
         override_num_blocks=blocks,
@@ -353,14 +360,26 @@ class RayShardMap:
 
 
 @dataclasses.dataclass(frozen=True)
+class _BuildBatch:
+    """The images of one commit batch (a Ray row): what the single-process build passes through
+    the models together, so a worker computes exactly its rows."""
+
+    items: tuple[BuildItem, ...]
+
+    def load(self) -> list[np.ndarray]:
+        return [item.load() for item in self.items]
+
+
+@dataclasses.dataclass(frozen=True)
 class _BuildSetup:
     """Builds a worker's models and checks they are the driver's (the same recipe)."""
 
     load_models: ModelFactory
     fingerprint: str
     pooling: PoolingMode
+    precision: Precision = "fp32"
 
-    def __call__(self) -> Callable[[BuildItem, np.ndarray], ImageRows]:
+    def __call__(self) -> Callable[[_BuildBatch, list[np.ndarray]], list[ImageRows]]:
         backbone, proposer = self.load_models()
         if proposer is None:
             raise InputError("building a database needs a proposer: give --proposer")
@@ -369,9 +388,11 @@ class _BuildSetup:
                 f"a Ray worker loaded backbone {backbone.fingerprint}, not the driver's: "
                 "install the same models on every node"
             )
+        check_precision(self.precision, backbone.device)
 
-        def run(item: BuildItem, image: np.ndarray) -> ImageRows:
-            return image_rows(backbone, proposer, item, image, pooling=self.pooling)
+        def run(batch: _BuildBatch, images: list[np.ndarray]) -> list[ImageRows]:
+            with autocast(self.precision, backbone.device):
+                return batch_rows(backbone, proposer, batch.items, images, pooling=self.pooling)
 
         return run
 
@@ -388,52 +409,56 @@ def build_database_on_ray(
     batch_size: int = 8,
     pooling: PoolingMode = "soft",
     synonyms: Mapping[str, Sequence[str]] | None = None,
+    precision: Precision = "fp32",
     progress: bool = True,
     on_commit: Callable[[int], None] | None = None,
 ) -> BuildReport:
-    """:func:`~retclip.database.build.build_database` with the per-image work on Ray workers.
+    """:func:`~retclip.database.build.build_database` with the model passes on Ray workers.
 
     ``backbone`` and ``proposer`` are the driver's copies, used for the same checks as the
     single-process build (the database's recipe, a class-prompted proposer); each worker builds
     its own with ``load_models`` (a picklable factory, e.g. ``ModelSpec.load``) and refuses to run
-    if its backbone's fingerprint differs. The driver commits every ``batch_size`` images, in
-    item order: the result equals the single-process build's, row for row, and an interrupted
-    build resumes like one.
+    if its backbone's fingerprint differs. The unit of work is the single-process build's: a
+    commit batch of ``batch_size`` images, through :func:`~retclip.database.build.batch_rows`
+    together (under ``precision``'s autocast) on one worker; the driver commits the batches in
+    item order. So the result equals the single-process build's row for row, to the bit, and an
+    interrupted build resumes like one.
     """
     todo = pending_items(
         db, backbone, proposer, items, build_id=build_id, batch_size=batch_size, pooling=pooling
     )
-    report = BuildReport(skipped=len(items) - len(todo))
+    report = BuildReport(skipped=len(items) - len(todo))  # precision: checked on the workers
     if not todo:
         return report
-    setup = _BuildSetup(load_models, backbone.fingerprint.key(), pooling)
-    waiting: dict[int, ImageRows] = {}
-    batch: list[ImageRows] = []
-    done = committed = 0
+    batches = [
+        _BuildBatch(tuple(todo[start : start + batch_size]))
+        for start in range(0, len(todo), batch_size)
+    ]
+    setup = _BuildSetup(load_models, backbone.fingerprint.key(), pooling, precision)
+    waiting: dict[int, list[ImageRows] | BaseException] = {}
+    done = 0
+    per_block = max(1, BLOCK_IMAGES // batch_size)
     with (
         ray_session(cluster) as (ray, resources),
         tqdm(total=len(todo), unit="img", desc="db build (ray)", disable=not progress) as bar,
-        contextlib.closing(_stream(ray, resources, todo, setup, ordered=True)) as results,
+        contextlib.closing(
+            _stream(ray, resources, batches, setup, ordered=True, per_block=per_block)
+        ) as results,
     ):
         for position, result in results:
             waiting[position] = result
-            while done in waiting:  # item order, whatever order results arrive in
-                part = waiting.pop(done)
+            while done in waiting:  # batch order, whatever order results arrive in
+                parts = waiting.pop(done)
                 done += 1
-                if isinstance(part, BaseException):
-                    raise part
-                batch.append(part)
-                if len(batch) < batch_size and done < len(todo):
-                    continue
-                report.rows += commit_rows(db, batch, build_id=build_id, synonyms=synonyms)
-                report.images += len(batch)
-                report.dropped_masks += sum(p.dropped for p in batch)
-                committed += 1
-                bar.update(len(batch))
+                if isinstance(parts, BaseException):
+                    raise parts
+                report.rows += commit_rows(db, parts, build_id=build_id, synonyms=synonyms)
+                report.images += len(parts)
+                report.dropped_masks += sum(p.dropped for p in parts)
+                bar.update(len(parts))
                 bar.set_postfix(rows=report.rows)
-                batch = []
                 if on_commit is not None:
-                    on_commit(committed)
+                    on_commit(done)
     return report
 
 

@@ -226,11 +226,6 @@ def _build(
     feature_dtype, index = options.pop("feature_dtype", None), options.pop("index", None)
     # the rows' recipe: the models, and the pooling the recipe implies unless given
     spec = pipeline_spec(options, options.pop("proposer"))
-    if cluster is not None and spec.model.precision != "fp32":
-        raise InputError(
-            f"--precision {spec.model.precision} applies to builds in this process; the Ray "
-            "workers run fp32 (drop --precision or --ray)"
-        )
     pooling = spec.pooling or "soft"
     backbone, proposer = spec.model.load()
     if proposer is None:
@@ -262,7 +257,7 @@ def _build(
                 synonyms=synonyms,
                 precision=spec.model.precision,
             )
-        else:  # the same build, its per-image work on Ray workers with models of the same spec
+        else:  # the same build, its model passes on Ray workers with models of the same spec
             from retclip.distributed import build_database_on_ray
 
             report = build_database_on_ray(
@@ -276,6 +271,7 @@ def _build(
                 batch_size=batch_size,
                 pooling=pooling,
                 synonyms=synonyms,
+                precision=spec.model.precision,
             )
     except BaseException:
         # a database this run created is removed if the run failed before any commit (by it

@@ -133,14 +133,22 @@ def text_embeddings(segmenter: Any, vocabulary: Vocabulary, measured: int) -> fl
     synonym_class = [i for i, cls in enumerate(vocabulary) for _ in cls.synonyms]
     share = len(synonym_class) / sum(len(cls.synonyms) for cls in part)
     rng = np.random.default_rng(0)
-    rows = rng.standard_normal((len(synonym_class), backbone.dim)).astype(np.float32)
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    embeddings = ClassEmbeddings(
-        synonym_embeddings=torch.from_numpy(rows).to(backbone.device),
-        synonym_class=torch.tensor(synonym_class, dtype=torch.long, device=backbone.device),
-        num_classes=len(vocabulary),
-    )
+
+    def random_embeddings(synonym_class: list[int]) -> ClassEmbeddings:
+        rows = rng.standard_normal((len(synonym_class), backbone.dim)).astype(np.float32)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        return ClassEmbeddings(
+            synonym_embeddings=torch.from_numpy(rows).to(backbone.device),
+            synonym_class=torch.tensor(synonym_class, dtype=torch.long, device=backbone.device),
+            num_classes=max(synonym_class) + 1,
+        )
+
+    embeddings = random_embeddings(synonym_class)
     segmenter._class_embeddings.get_or_create(vocabulary.key(), lambda: embeddings)
+    if segmenter.retriever is not None:  # the database labels' embeddings (label matching)
+        segmenter.retriever._label_embeddings = lambda db: random_embeddings(
+            list(range(len(db.labels)))
+        )
     return seconds * share
 
 

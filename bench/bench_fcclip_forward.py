@@ -26,18 +26,18 @@ the original, retclip's side alone on the fixture's weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import retclip.segmenter as segmenter_module
 from bench.common import (
@@ -54,7 +54,6 @@ from retclip.backbones.base import Backbone
 from retclip.database import FeatureDatabase
 from retclip.fcclip.checkpoint import convert_fcclip, read_checkpoint
 from retclip.pipeline import ModelSpec, PipelineSpec, build_segmenter
-from retclip.text_embeddings import ClassEmbeddings
 from retclip.vocabulary import Vocabulary
 
 DRIVER = Path(__file__).resolve().parent / "fcclip_original.py"
@@ -157,13 +156,17 @@ def random_database(path: Path, backbone: Backbone, rows: int, names: Sequence[s
     return path
 
 
-def random_text(vocab: Vocabulary, dim: int) -> ClassEmbeddings:
-    """Random unit synonym embeddings ``[S, dim]`` of ``vocab`` (one row per synonym)."""
-    synonym_class = [i for i, entry in enumerate(vocab.classes) for _ in entry.synonyms]
-    rows = torch.randn(len(synonym_class), dim, generator=torch.Generator().manual_seed(0))
-    return ClassEmbeddings(
-        F.normalize(rows, dim=-1), torch.tensor(synonym_class, dtype=torch.long), len(vocab)
-    )
+def random_text_tower(dim: int) -> Callable[[Sequence[str]], torch.Tensor]:
+    """A stand-in for a CLIP text tower: ``[T, dim]`` random rows, the same for the same text."""
+
+    def encode_texts(texts: Sequence[str]) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            rows.append(torch.randn(dim, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(rows)
+
+    return encode_texts
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -191,7 +194,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         print(f"bench_fcclip_forward: the original FC-CLIP is missing: {absent}")
         return ""
     set_threads(args.threads)
-    os.environ.setdefault("RETCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="retclip-bench-"))
+    if args.text == "random":  # random text embeddings never enter a shared cache
+        os.environ["RETCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="retclip-bench-")
+    else:
+        os.environ.setdefault("RETCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="retclip-bench-"))
     image = test_image(*args.image_size)
     vocab = Vocabulary.builtin("ade20k-150")
     with tempfile.TemporaryDirectory(prefix="retclip-bench-fcclip-") as tmp_dir:
@@ -221,13 +227,12 @@ def main(argv: Sequence[str] | None = None) -> str:
                 conversion = f"converted with retclip convert-fcclip ({converted.loaded} keys)"
             model = ModelSpec(backbone=str(clip_dir), proposer="fcclip", device="cpu", **options)
             backbone = model.load_backbone()
+            if args.text == "random":  # class and database-label embeddings alike
+                backbone.encode_texts = random_text_tower(backbone.dim)  # type: ignore[method-assign]
             db = random_database(tmp / "db", backbone, args.db_rows, vocab.names)
             segmenter = build_segmenter(
                 PipelineSpec(model=model, db=db), models=(backbone, model.load_proposer(backbone))
             )
-            if args.text == "random":
-                text = random_text(vocab, backbone.dim)
-                segmenter.class_embeddings = lambda _vocab: text  # type: ignore[method-assign]
             segmenter.class_embeddings(vocab)  # cached per vocabulary, as in a run
             proposer: Any = segmenter.proposer
             targets = [
@@ -291,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     text_note = (
         "computed by each side's text tower"
         if args.text == "computed"
-        else "of random unit rows, one per synonym, set"
+        else "from random text towers (unit rows per synonym; retclip: a seeded row per prompt "
+        "for classes and database labels)"
     )
     notes = (
         f"FC-CLIP {arch}, {weights}, {conversion}); {len(vocab)} ADE20k classes; image "

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import retclip.segmenter as segmenter_module
+from bench.bench_fcclip_forward import random_text_tower
 from bench.bench_segment_latency import random_database
 from bench.common import (
     StageTimer,
@@ -202,6 +203,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--db-rows", type=int, default=10_000)
     parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
     parser.add_argument(
+        "--text",
+        choices=("computed", "random"),
+        default="computed",
+        help="retclip's text embeddings: its CLIP text tower, or a seeded random one (they are "
+        "computed once per vocabulary, untimed; 150 ADE20k classes × 402 synonyms × 14 templates)",
+    )
+    parser.add_argument(
         "--warmup", type=int, default=1, help="untimed calls each before the first vocabulary's"
     )
     parser.add_argument("--quick", action="store_true", help="tiny models, 48×64 image, 1 round")
@@ -215,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         else {"shortest_edge": 800, "longest_edge": 1333}
     )
     set_threads(args.threads)
-    os.environ.setdefault("RETCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="retclip-bench-"))
+    if args.text == "random":  # random text embeddings never enter a shared cache
+        os.environ["RETCLIP_CACHE_DIR"] = tempfile.mkdtemp(prefix="retclip-bench-")
+    else:
+        os.environ.setdefault("RETCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="retclip-bench-"))
     image = test_image(*args.image_size)
     vocabularies = {n: vocabulary(n) for n in args.classes}
     union = list(dict.fromkeys(name for v in vocabularies.values() for name in v.names))
@@ -235,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         ).load_backbone()
         db = random_database(Path(tmp) / "db", backbone, args.db_rows, union)
         segmenter, targets = retclip_segmenter(args, db)
+        if args.text == "random":  # classes and database labels (the retriever's backbone)
+            tower = random_text_tower(segmenter.backbone.dim)
+            segmenter.backbone.encode_texts = tower  # type: ignore[method-assign]
         detector: Any = segmenter.proposer.detector
         for n, vocab in vocabularies.items():
             names = prompt_names(vocab)
@@ -294,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"weights), image {args.image_size[0]}×{args.image_size[1]} (detector input short side "
         f"{args.detector_size['shortest_edge']}), {args.boxes} boxes per image on both sides; "
         f"retclip with a database of {args.db_rows} random rows (flat index), text embeddings "
+        f"({'a seeded random text tower' if args.text == 'random' else 'its CLIP text tower'}) "
         f"cached (computed once per vocabulary, as in a run); Grounded-SAM runs Grounding DINO "
         f"whole once per prompt chunk. Medians of {args.repeats} interleaved rounds ({args.warmup} "
         f"untimed call(s) each before the first vocabulary's); stage columns are means over the "

@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             model = ModelSpec(backbone=str(clip_dir), proposer="fcclip", device="cpu", **options)
             backbone = model.load_backbone()
             if args.text == "random":  # class and database-label embeddings alike
-                backbone.encode_texts = random_text_tower(backbone.dim)  # type: ignore[method-assign]
+                backbone.encode_texts = random_text_tower(backbone.dim)
             db = random_database(tmp / "db", backbone, args.db_rows, vocab.names)
             segmenter = build_segmenter(
                 PipelineSpec(model=model, db=db), models=(backbone, model.load_proposer(backbone))

@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         segmenter, targets = retclip_segmenter(args, db)
         if args.text == "random":  # classes and database labels (the retriever's backbone)
             tower = random_text_tower(segmenter.backbone.dim)
-            segmenter.backbone.encode_texts = tower  # type: ignore[method-assign]
+            segmenter.backbone.encode_texts = tower
         detector: Any = segmenter.proposer.detector
         for n, vocab in vocabularies.items():
             names = prompt_names(vocab)

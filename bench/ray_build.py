@@ -122,12 +122,18 @@ def _stage_profile(
 
 
 def _commit_cost(
-    root: Path, sizes: Sequence[int], batch: int, rows_per_image: int, grow_step: int = 5000
+    root: Path,
+    sizes: Sequence[int],
+    batch: int,
+    rows_per_image: int,
+    grow_step: int = 5000,
+    repeats: int = 3,
 ) -> list[list]:
     """One writer's commit of ``batch`` images (``rows_per_image`` rows each) into a database
-    already holding S completed images, for each S in ``sizes``: median seconds of 3 commits, the
-    shards and ``meta.json`` size at S, and the seconds a resume spends reading every completed
-    source once (:meth:`FeatureDatabase.completed_sources` of a freshly opened database)."""
+    already holding S completed images, for each S in ``sizes``: median seconds of ``repeats``
+    commits, the shards and ``meta.json`` size at S, and the seconds a resume spends reading every
+    completed source once (:meth:`FeatureDatabase.completed_sources` of a freshly opened
+    database)."""
     dim = 768
     rng = np.random.default_rng(0)
     db = FeatureDatabase.create(root / "commits", fingerprint=BackboneFingerprint("bench"), dim=dim)
@@ -152,8 +158,8 @@ def _commit_cost(
         resumed = FeatureDatabase.open(db.path, verify=False).completed_sources("bench")
         resume = time.perf_counter() - start
         assert len(resumed) == done
-        seconds = [commit(done + i * batch, batch) for i in range(3)]
-        done += 3 * batch
+        seconds = [commit(done + i * batch, batch) for i in range(repeats)]
+        done += repeats * batch
         meta = (db.path / "meta.json").stat().st_size
         cost = median(seconds)
         shards = len(list((db.path / "shards").glob("*.npz")))
@@ -162,7 +168,9 @@ def _commit_cost(
     return out
 
 
-def _commit_cost_by_shards(root: Path, counts: Sequence[int], batch: int) -> list[list]:
+def _commit_cost_by_shards(
+    root: Path, counts: Sequence[int], batch: int, repeats: int = 3
+) -> list[list]:
     """The same commit (``batch`` images × 8 rows) into a database grown by commits of that
     size to each shard count in ``counts`` (what a build with ``--batch-size batch`` makes):
     ``meta.json`` lists every shard, so this is the part of a commit that still grows."""
@@ -188,7 +196,7 @@ def _commit_cost_by_shards(root: Path, counts: Sequence[int], batch: int) -> lis
             commit()
         meta = (db.path / "meta.json").stat().st_size
         at = shards
-        cost = median([commit() for _ in range(3)])
+        cost = median([commit() for _ in range(repeats)])
         version = json.loads((db.path / "meta.json").read_text())["format_version"]
         out.append([version, at, at * batch, cost, batch / cost, meta / 2**10])
     return out
@@ -205,17 +213,18 @@ def _commit_only(args) -> str:
     sizes = [50, 200] if args.quick else args.commit_sizes
     batch = 2 if args.quick else args.batch_size
     grow = 50 if args.quick else 5000
+    repeats = max(3, args.repeats)
     with tempfile.TemporaryDirectory(prefix="retclip-bench-commit-") as tmp:
         start = time.perf_counter()
         commits = _commit_cost(Path(tmp), sizes, batch, rows_per_image=8,
-                               grow_step=grow)  # fmt: skip
+                               grow_step=grow, repeats=repeats)  # fmt: skip
         wall = time.perf_counter() - start
         counts = [5, 10] if args.quick else args.shard_counts
-        by_shards = _commit_cost_by_shards(Path(tmp), counts, batch)
+        by_shards = _commit_cost_by_shards(Path(tmp), counts, batch, repeats)
     flat = commits[-1][3] / commits[0][3]
     notes = (
         f"One writer, one process: each S is reached by commits of {grow} images of one row "
-        f"each (untimed), then 3 commits of {batch} images × 8 rows (dim 768, float16) are "
+        f"each (untimed), then {repeats} commits of {batch} images × 8 rows (dim 768, float16) are "
         "timed (median). 'resume read s': opening the database and reading every completed "
         f"source once, what a resumed build does once per run. Commit time at the largest S is "
         f"{flat:.2f}× the smallest (target ≤ 1.5×: "

@@ -123,8 +123,29 @@ def write_meta(db_path: Path, meta: dict[str, Any]) -> None:
     """Write ``meta.json`` (the commit point) with the checksum of its content, so a hand edit
     (a label renamed, a count or the dtype changed) reads back as corruption, not as data."""
     meta["checksum"] = meta_checksum(meta)
-    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(db_path / META_NAME, text, durable=True)
+    atomic_write(db_path / META_NAME, meta_text(meta), durable=True)
+
+
+def meta_text(meta: Mapping[str, Any]) -> str:
+    """``meta.json``'s text: a line per top-level key and per item of a top-level list or
+    object (a shard, a label), each item compact JSON. As readable as ``indent=2`` and written by
+    json's C encoder (``indent`` selects its pure-Python one, which was 40 % of a commit's time at
+    600 shards)."""
+
+    def dump(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = []
+    for key, value in meta.items():
+        if isinstance(value, list) and value:
+            text = "[\n    " + ",\n    ".join(map(dump, value)) + "\n  ]"
+        elif isinstance(value, dict) and value:
+            items = (f"{dump(k)}: {dump(v)}" for k, v in value.items())
+            text = "{\n    " + ",\n    ".join(items) + "\n  }"
+        else:
+            text = dump(value)
+        lines.append(f"  {dump(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def write_shard(shard_dir: Path, number: int, rows: ShardRows) -> dict[str, Any]:

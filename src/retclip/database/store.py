@@ -12,7 +12,7 @@ and where it came from. At inference a segment feature retrieves its ``k`` most 
 Directory format (``format_version`` 2)::
 
     DB/
-      meta.json          human-readable (indent=2), the commit point; see below
+      meta.json          human-readable (a line per key, shard and label), the commit point
       shards/NNNNNN.npz  one per commit (uncompressed npz):
                            features    [n, D] float16 | float32 (unit rows)
                            label_ids   [n] int32, index into meta.json "labels"

@@ -203,6 +203,33 @@ def test_killed_build_resumes_to_the_same_rows(scenes, tmp_path) -> None:
         np.testing.assert_array_equal(resumed.provenance()[key], values, err_msg=key)
 
 
+def test_commit_every_gathers_whole_batches_into_one_commit(scenes, tmp_path) -> None:
+    """``commit_every``: a commit (a shard) holds consecutive batches until it has that many
+    images, the last one the rest; the rows are those of a commit per batch. Below one batch
+    it is one batch; below one image, an error before anything is written."""
+    dataset = CocoPanopticDataset(*scenes["db"])
+    items = items_from_dataset(dataset)
+    shards, features = {}, {}
+    for every in (None, 5, 1):
+        db = new_db(tmp_path / f"db{every}")
+        report = build_database(
+            db, ColorBackbone(), GroundTruthProposer(dataset), items, build_id="b",
+            batch_size=2, commit_every=every, progress=False,
+        )  # fmt: skip
+        assert report.images == len(items) > 6
+        shards[every], features[every] = len(db._meta["shards"]), db.features()
+    assert shards[None] == shards[1] == -(-len(items) // 2)  # a commit per batch of 2
+    assert shards[5] == -(-len(items) // 6)  # three batches (6 images) a commit
+    for every in (5, 1):
+        np.testing.assert_array_equal(features[every], features[None])
+    with pytest.raises(InputError, match="commit-every"):
+        build_database(
+            new_db(tmp_path / "bad"), ColorBackbone(), GroundTruthProposer(dataset), items,
+            build_id="b", commit_every=0, progress=False,
+        )  # fmt: skip
+    assert not FeatureDatabase.open(tmp_path / "bad").completed_sources("b")
+
+
 def test_two_runs_of_one_build_at_once_add_every_row_once(scenes, tmp_path) -> None:
     """Two identical `db add` runs: each read the finished images when it started; the commits
     re-check under the lock, so no row is added twice, sequentially or in parallel threads."""

@@ -277,13 +277,16 @@ def test_shards_are_read_on_the_cluster_and_build_the_single_process_rows(
     def build(path: Path, *extra: object) -> Result:
         return invoke(
             "db", "build", path, "--shards", pattern, "--vocab", vocab_file(tmp_path),
-            "--backbone", "color", "--proposer", "test-colour", "--batch-size", 2, *extra,
+            "--backbone", "color", "--proposer", "test-colour", "--batch-size", 2,
+            "--commit-every", 4, *extra,
         )  # fmt: skip
 
     single, distributed = build(tmp_path / "single"), build(tmp_path / "ray", "--ray")
     assert single.exit_code == 0 and distributed.exit_code == 0, distributed.output
     one, other = FeatureDatabase.open(tmp_path / "single"), FeatureDatabase.open(tmp_path / "ray")
-    assert_same_rows(other, one)
+    assert_same_rows(other, one)  # in the same commits: 9 images, 2 batches each but the last
+    completed = [read_completed(other.path, shard) for shard in other._meta["shards"]]
+    assert [sum(map(len, done.values())) for done in completed] == [4, 4, 1]
     assert sorted(set(other.provenance()["sources"])) == sorted(i.source for i in serial)
     (tmp_path / "data" / "00001.tar").write_bytes(b"not a tar at all" * 64)
     broken = build(tmp_path / "broken", "--ray")

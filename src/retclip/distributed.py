@@ -46,6 +46,7 @@ from retclip.database.build import (
     BuildReport,
     ImageRows,
     batch_rows,
+    commit_images,
     commit_rows,
     pending_items,
 )
@@ -410,6 +411,7 @@ def build_database_on_ray(
     pooling: PoolingMode = "soft",
     synonyms: Mapping[str, Sequence[str]] | None = None,
     precision: Precision = "fp32",
+    commit_every: int | None = None,
     progress: bool = True,
     on_commit: Callable[[int], None] | None = None,
 ) -> BuildReport:
@@ -421,12 +423,14 @@ def build_database_on_ray(
     if its backbone's fingerprint differs. The unit of work is the single-process build's: a
     commit batch of ``batch_size`` images, through :func:`~retclip.database.build.batch_rows`
     together (under ``precision``'s autocast) on one worker; the driver commits the batches in
-    item order. So the result equals the single-process build's row for row, to the bit, and an
+    item order, consecutive batches of at least ``commit_every`` images together. So the result
+    equals the single-process build's row for row, to the bit, in the same commits, and an
     interrupted build resumes like one.
     """
     todo = pending_items(
         db, backbone, proposer, items, build_id=build_id, batch_size=batch_size, pooling=pooling
     )
+    commit_size = commit_images(batch_size, commit_every)
     report = BuildReport(skipped=len(items) - len(todo))  # precision: checked on the workers
     if not todo:
         return report
@@ -436,7 +440,8 @@ def build_database_on_ray(
     ]
     setup = _BuildSetup(load_models, backbone.fingerprint.key(), pooling, precision)
     waiting: dict[int, list[ImageRows] | BaseException] = {}
-    done = 0
+    gathered: list[ImageRows] = []  # rows of the batches the next commit holds
+    done = committed = 0
     per_block = max(1, BLOCK_IMAGES // batch_size)
     with (
         ray_session(cluster) as (ray, resources),
@@ -452,13 +457,18 @@ def build_database_on_ray(
                 done += 1
                 if isinstance(parts, BaseException):
                     raise parts
-                report.rows += commit_rows(db, parts, build_id=build_id, synonyms=synonyms)
-                report.images += len(parts)
                 report.dropped_masks += sum(p.dropped for p in parts)
-                bar.update(len(parts))
+                gathered.extend(parts)
+                if len(gathered) < commit_size and done < len(batches):
+                    continue
+                report.rows += commit_rows(db, gathered, build_id=build_id, synonyms=synonyms)
+                report.images += len(gathered)
+                committed += 1
+                bar.update(len(gathered))
                 bar.set_postfix(rows=report.rows)
+                gathered = []
                 if on_commit is not None:
-                    on_commit(done)
+                    on_commit(committed)
     return report
 
 

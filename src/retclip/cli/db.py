@@ -183,6 +183,12 @@ build_options = [
     batch_size_option(
         8, "Images per model batch and per commit; decoding and commits overlap the models."
     ),
+    click.option(
+        "--commit-every",
+        type=int,
+        help="Commit at least this many images at once (whole batches) [default: one batch]; "
+        "every commit adds a shard, so builds of millions of images commit thousands at once.",
+    ),
     click.option("--limit", type=int, help="Use only the first N images."),
     *spec_options(PipelineSpec, ["pooling"]),
     *ray_options,
@@ -209,16 +215,18 @@ def _build(
     sources: tuple[list[Any], str, Any],
 ) -> None:
     from retclip.database import FeatureDatabase, IndexSpec
-    from retclip.database.build import build_database, build_id_for
+    from retclip.database.build import build_database, build_id_for, commit_images
 
     items, origin, synonyms = sources
     limit, batch_size = options.pop("limit"), options.pop("batch_size")
+    commit_every = options.pop("commit_every")
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit must be >= 1, got {limit}")
         items = items[:limit]
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    commit_images(batch_size, commit_every)  # a bad value is an error before any work
     missing = [item.source for item in items if item.missing()]
     if missing:  # before any model loads or anything is created
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -253,6 +261,7 @@ def _build(
                 items,
                 build_id=build_id,
                 batch_size=batch_size,
+                commit_every=commit_every,
                 pooling=pooling,
                 synonyms=synonyms,
                 precision=spec.model.precision,
@@ -269,6 +278,7 @@ def _build(
                 cluster=cluster,
                 build_id=build_id,
                 batch_size=batch_size,
+                commit_every=commit_every,
                 pooling=pooling,
                 synonyms=synonyms,
                 precision=spec.model.precision,

@@ -317,6 +317,15 @@ def pending_items(
     return [item for item in items if item.source not in done]
 
 
+def commit_images(batch_size: int, commit_every: int | None) -> int:
+    """Images per commit: ``commit_every`` (default ``batch_size``), at least one batch."""
+    if commit_every is None:
+        return batch_size
+    if commit_every < 1:
+        raise InputError(f"--commit-every must be >= 1 image, got {commit_every}")
+    return max(commit_every, batch_size)
+
+
 def build_database(
     db: FeatureDatabase,
     backbone: Backbone,
@@ -331,13 +340,19 @@ def build_database(
     progress: bool = True,
     on_commit: Callable[[int], None] | None = None,
     precision: Precision = "fp32",
+    commit_every: int | None = None,
 ) -> BuildReport:
     """Add the rows of ``items`` to ``db``, one atomic commit per batch, skipping committed images.
 
     Each mask whose class hint names one of the item's labels becomes a row labelled with it;
     masks without a hint (or empty ones) are dropped and counted (:func:`image_rows`).
-    ``on_commit`` is called with the number of batches committed so far (progress reporting).
+    ``on_commit`` is called with the number of commits so far (progress reporting).
     :func:`retclip.distributed.build_database_on_ray` is the same build on a Ray cluster.
+
+    A commit holds the rows of consecutive batches, at least ``commit_every`` images (default
+    ``batch_size``, one batch): every commit adds a shard, and a database of many shards makes
+    each commit slower (``docs/scale.md``), so builds of millions of images commit less often
+    than they batch.
 
     The images of one batch go through the models together (:func:`batch_rows`, under
     ``precision``'s autocast). Three things overlap: ``decode_workers`` threads decode the next
@@ -349,6 +364,7 @@ def build_database(
         db, backbone, proposer, items, build_id=build_id, batch_size=batch_size, pooling=pooling
     )
     check_precision(precision, backbone.device)
+    commit_size = commit_images(batch_size, commit_every)
     report = BuildReport(skipped=len(items) - len(todo))
     bar = tqdm(total=len(todo), unit="img", desc="db build", disable=not progress)
     batches = list(_batches(todo, batch_size))
@@ -357,6 +373,8 @@ def build_database(
     decoded: deque[list[Future[np.ndarray]]] = deque()
     in_flight: tuple[Future[int], Sequence[BuildItem]] | None = None
     committed = 0
+    gathered: list[ImageRows] = []  # rows of the batches the next commit holds
+    gathered_items: list[BuildItem] = []
 
     def finish_commit() -> None:
         nonlocal in_flight, committed
@@ -381,9 +399,14 @@ def build_database(
             with autocast(precision, backbone.device):
                 parts = batch_rows(backbone, proposer, batch, images, pooling=pooling)
             report.dropped_masks += sum(p.dropped for p in parts)
-            finish_commit()  # the previous batch's commit, before this one's (commit order)
-            commit = writer.submit(commit_rows, db, parts, build_id=build_id, synonyms=synonyms)
-            in_flight = (commit, batch)
+            gathered.extend(parts)
+            gathered_items.extend(batch)
+            if len(gathered_items) < commit_size and index + 1 < len(batches):
+                continue
+            finish_commit()  # the previous commit ends before this one starts (commit order)
+            commit = writer.submit(commit_rows, db, gathered, build_id=build_id, synonyms=synonyms)
+            in_flight = (commit, gathered_items)
+            gathered, gathered_items = [], []
         finish_commit()
     finally:
         decoder.shutdown(wait=True, cancel_futures=True)

@@ -40,6 +40,7 @@ from retclip.vocabulary import Vocabulary
 #: row → (the configs it serves, backbone, proposer kind)
 ROWS: dict[str, tuple[str, str, str]] = {
     "fcclip-convnext-l": ("table1-convnext-*", "convnext-l", "fcclip"),
+    "fcclip-rn50x64": ("table1-rn50x64-*", "rn50x64", "fcclip"),
     "gdino-sam-clip-b16": ("table2-vitb-*, table3-vitb-gdino-sam", "clip-b16", "grounded-sam"),
     "gdino-sam-clip-l14": ("table2-vitl-*, table3-vitl-gdino-sam", "clip-l14", "grounded-sam"),
     "sam-grid-clip-b16": ("table3-vitb-sam-grid", "clip-b16", "sam-grid"),
@@ -70,7 +71,9 @@ def build_models(row: str, size: str, root: Path | None, args: Any) -> tuple[Any
         from retclip.fcclip.proposer import FcclipProposer
 
         backbone = load_backbone(backbone_dir, "cpu", preprocessing="fcclip")
-        checkpoint = fcclip_checkpoint(backbone, model_dir(backbone_name, size, root).parent)
+        checkpoint = fcclip_checkpoint(
+            backbone, model_dir(backbone_name, size, root).parent, backbone_name
+        )
         proposer = FcclipProposer(checkpoint, backbone=backbone)  # type: ignore[arg-type]
     else:
         backbone = load_backbone(backbone_dir, "cpu")

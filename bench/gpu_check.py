@@ -97,18 +97,19 @@ class StageProfile:
         self.peak.clear()
 
 
-def fcclip_checkpoint(backbone: Backbone, root: Path) -> Path:
-    """A real-size FC-CLIP ConvNeXt-L head with random weights, saved as ``convert-fcclip``
-    writes it (built once, beside the bench models)."""
+def fcclip_checkpoint(backbone: Backbone, root: Path, variant: str = "convnext-l") -> Path:
+    """A real-size FC-CLIP head (``variant`` ``convnext-l`` or ``rn50x64``) with random weights,
+    saved as ``convert-fcclip`` writes it (built once, beside the bench models)."""
     from retclip.fcclip.checkpoint import save_converted
-    from retclip.fcclip.model import CONVNEXT_LARGE, FCCLIP
+    from retclip.fcclip.model import CONVNEXT_LARGE, FCCLIP, RN50X64
 
-    path = root / "fcclip-convnext-l-head.safetensors"
+    path = root / f"fcclip-{variant}-head.safetensors"
     if not path.exists():
         torch.manual_seed(0)
-        model = FCCLIP(CONVNEXT_LARGE, backbone.model)  # type: ignore[attr-defined]
+        config = {"convnext-l": CONVNEXT_LARGE, "rn50x64": RN50X64}[variant]
+        model = FCCLIP(config, backbone.model)  # type: ignore[attr-defined]
         head = {k: v for k, v in model.state_dict().items() if not k.startswith("clip_model.")}
-        save_converted(path, head, variant="convnext-l", source="random weights (bench)")
+        save_converted(path, head, variant=variant, source="random weights (bench)")
     return path
 
 

@@ -34,6 +34,7 @@ MODELS = (
     "clip-b16",
     "clip-l14",
     "convnext-l",
+    "rn50x64",
     "sam-vit-b",
     "sam2.1-tiny",
     "edgetam",
@@ -80,6 +81,8 @@ def _build_tiny(name: str, directory: Path) -> None:
         tiny_models.save_tiny_clip(directory, image_size=32, patch=8)
     elif name == "convnext-l":
         tiny_models.save_tiny_open_clip_convnext(directory)
+    elif name == "rn50x64":
+        raise ValueError("no tiny RN50x64: its rows run at the real size only")
     elif name == "sam-vit-b":
         tiny_detectors.save_sam(directory)
     elif name == "sam2.1-tiny":
@@ -95,7 +98,9 @@ def _build_real(name: str, directory: Path) -> None:
     if name in ("clip-b16", "clip-l14"):
         _save_clip(name, directory)
     elif name == "convnext-l":
-        _save_convnext_l(directory)
+        _save_open_clip("convnext_large_d_320", directory)
+    elif name == "rn50x64":
+        _save_open_clip("RN50x64", directory)
     elif name == "sam-vit-b":
         _save_sam(directory)
     elif name in ("sam2.1-tiny", "edgetam"):
@@ -126,15 +131,18 @@ def _save_clip(name: str, directory: Path) -> None:
     CLIPImageProcessor().save_pretrained(directory)
 
 
-def _save_convnext_l(directory: Path) -> None:
+def _save_open_clip(architecture: str, directory: Path) -> None:
+    """An OpenCLIP model (``convnext_large_d_320``: FC-CLIP's ConvNeXt-L; ``RN50x64``) with
+    random weights, as an OpenCLIP folder."""
     import open_clip
     from safetensors.torch import save_file
 
-    config = open_clip.get_model_config("convnext_large_d_320")
-    config = {**config, "vision_cfg": {**config["vision_cfg"], "timm_model_pretrained": False}}
+    config = open_clip.get_model_config(architecture)
+    if "timm_model_name" in config["vision_cfg"]:
+        config = {**config, "vision_cfg": {**config["vision_cfg"], "timm_model_pretrained": False}}
     with open(directory / "open_clip_config.json", "w", encoding="utf-8") as handle:
         json.dump({"model_cfg": config, "preprocess_cfg": {}}, handle)
-    model = open_clip.create_model("convnext_large_d_320", pretrained=None).eval()
+    model = open_clip.create_model(architecture, pretrained=None).eval()
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "open_clip_model.safetensors"))
 

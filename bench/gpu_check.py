@@ -17,19 +17,26 @@ CPU dry run.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from bench.common import base_parser, markdown_table, mib, report, results_path, set_threads
+from bench.common import (
+    StageTimer,
+    base_parser,
+    markdown_table,
+    mib,
+    report,
+    results_path,
+    set_threads,
+)
 from bench.models import model_dir, test_image
 from bench.pipeline import TopKDetector
 from retclip import Segmenter
@@ -44,16 +51,17 @@ CLASSES = "cat, dog, car, tree, sky, person, wall, road"
 STAGES = ("detector", "SAM encoder", "SAM decoder", "FC-CLIP", "backbone", "pooling", "commit")
 
 
-class StageProfile:
-    """Seconds and peak GPU memory of named stages, by wrapping the models' methods for a run.
+class StageProfile(StageTimer):
+    """Seconds and peak GPU memory of named stages, by wrapping the models' methods for a run
+    (:meth:`StageTimer.patch`).
 
     A stage's outermost call resets CUDA's peak counter, synchronises around the call, and
     keeps the peak ``max_memory_allocated`` seen; nested calls of the same stage (``embed_batch``
     of one image calling ``embed``) count once."""
 
     def __init__(self, cuda: bool) -> None:
+        super().__init__()
         self.cuda = cuda
-        self.seconds: dict[str, float] = defaultdict(float)
         self.peak: dict[str, int] = defaultdict(int)
         self._depth: dict[str, int] = defaultdict(int)
 
@@ -76,21 +84,6 @@ class StageProfile:
                     self.seconds[stage] += time.perf_counter() - start
 
         return timed
-
-    @contextlib.contextmanager
-    def patch(self, targets: Sequence[tuple[str, object, str]]) -> Iterator[StageProfile]:
-        """Wrap ``(stage, owner, attribute)`` for the block (instance attributes, restored)."""
-        saved = [(owner, attr, owner.__dict__.get(attr)) for _, owner, attr in targets]
-        try:
-            for stage, owner, attr in targets:
-                setattr(owner, attr, self.wrap(stage, getattr(owner, attr)))
-            yield self
-        finally:
-            for owner, attr, original in reversed(saved):
-                if original is None:
-                    delattr(owner, attr)
-                else:
-                    setattr(owner, attr, original)
 
     def reset(self) -> None:
         self.seconds.clear()

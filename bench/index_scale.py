@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
+import json
 import math
 import re
 import shutil
@@ -43,7 +45,12 @@ from bench.common import (
 )
 from retclip.database import index_build
 from retclip.database.index import IndexSpec, load_index, ondisk_file, save_index, search_index
-from retclip.database.index_build import build_index_streaming, gather_rows, sample_ids
+from retclip.database.index_build import (
+    CoarseLists,
+    build_index_streaming,
+    gather_rows,
+    sample_ids,
+)
 from retclip.database.index_recall import recall_at
 
 K = 10
@@ -109,27 +116,63 @@ def exact_search(queries: np.ndarray, source: Synthetic, k: int) -> tuple[np.nda
     return heap.I, searching
 
 
+def cached_exact_search(
+    queries: np.ndarray, source: Synthetic, keep: Path | None
+) -> tuple[np.ndarray, float]:
+    """:func:`exact_search` for the top ``K + 1``, kept in ``keep`` (when given) for a rerun."""
+    path = None
+    if keep is not None:
+        key = hashlib.sha1(queries.tobytes()).hexdigest()[:12]
+        path = keep / f"exact-{source.rows}-{source.dim}-{key}.npz"
+        if path.is_file():
+            with np.load(path) as kept:
+                return kept["ids"], float(kept["seconds"])
+    ids, seconds = exact_search(queries, source, K + 1)
+    if path is not None:
+        np.savez(path.with_suffix(".tmp.npz"), ids=ids, seconds=seconds)
+        path.with_suffix(".tmp.npz").replace(path)
+    print(f"exact search at {source.rows:,} rows: {seconds:.1f} s", flush=True)
+    return ids, seconds
+
+
 def bench_spec(
     template: str, source: Synthetic, queries: np.ndarray, own: np.ndarray, exact: np.ndarray,
-    options: argparse.Namespace, workdir: Path,
-) -> dict[str, object]:  # fmt: skip
-    """Build, save, reload memory-mapped and search one index spec over ``source``."""
+    options: argparse.Namespace, workdir: Path, *,
+    reuse: CoarseLists | None = None, give_lists: bool = False,
+) -> tuple[dict[str, object], CoarseLists | None]:  # fmt: skip
+    """Build, save, reload memory-mapped and search one index spec over ``source``; with
+    ``reuse``, into those IVF lists (codes only); with ``give_lists``, also return its lists."""
     text = expand(template, source.rows, source.dim, options.memory_gb)
     repeats = options.repeats
     spec = IndexSpec.parse(text)
     built = spec.resolve(source.rows, source.dim)
-    folder = Path(tempfile.mkdtemp(dir=workdir))
+    if options.keep is not None:  # a resumable run: one folder a spec and size, kept
+        name = f"{source.rows} {source.dim} {text} {'reused' if reuse is not None else 'own'}"
+        folder = workdir / f"{source.rows}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+        if (folder / "result.json").is_file():
+            print(f"{text} at {source.rows:,} rows: measured before, in {folder}")
+            lists = None
+            if give_lists:
+                lists = CoarseLists.of(load_index(folder / "index.faiss", mmap=True))
+            return dict(json.loads((folder / "result.json").read_text())), lists
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    else:
+        folder = Path(tempfile.mkdtemp(dir=workdir))
     timer = StageTimer()
     gc.collect()
     try:
         with PeakMemory() as memory, timer.patch([("train", index_build, "_train")]):
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             index = build_index_streaming(
-                source, source.rows, source.dim, spec, ondisk_path=folder / "lists.ivfdata"
-            )
+                source, source.rows, source.dim, spec, ondisk_path=folder / "lists.ivfdata",
+                lists=reuse,
+            )  # fmt: skip
             build_s = time.perf_counter() - began
+            build_cpu_s = time.process_time() - cpu_began
         save_index(index, folder / "index.faiss")
-        lists = ondisk_file(index)
+        ondisk = ondisk_file(index)
+        given = CoarseLists.of(index) if give_lists else None
         del index
         gc.collect()
         size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
@@ -143,14 +186,21 @@ def bench_spec(
         search_s = median(times[1:]) if repeats else times[0]
         recall = recall_at(results[-1], exact, own, [K])[K]
         del loaded
-        return {
+        result: dict[str, object] = {
             "rows": source.rows, "template": template, "spec": text, "built": str(built),
-            "build_s": build_s, "train_s": timer.seconds.get("train", 0.0),
+            "build_s": build_s, "build_cpu_s": build_cpu_s,
+            "train_s": timer.seconds.get("train", 0.0),
             "peak_gib": gib(memory.peak), "bytes_per_row": size / source.rows, "recall": recall,
-            "qps": len(queries) / search_s, "ondisk": lists is not None,
+            "qps": len(queries) / search_s, "ondisk": ondisk is not None,
+            "lists_reused": reuse is not None,
         }  # fmt: skip
+        if options.keep is not None:
+            (folder / "result.json").write_text(json.dumps(result))
+        print(f"{text} at {source.rows:,} rows: {json.dumps(result)}", flush=True)
+        return result, given
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if options.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def projection(
@@ -162,11 +212,15 @@ def projection(
     time scaled from the measured one by the two-level k-means work (sample x 2 sqrt(nlist)),
     adding scaled from the measured rows/s by the work of assigning a row (:func:`assign_work`;
     the measured rate also includes generating and encoding the rows, which does not grow with
-    the lists, so more lists over-estimate it)."""
+    the lists, so more lists over-estimate it). A spec built into another's lists is projected
+    from that one's training and adding (a build anew trains and assigns alike; the codes cost
+    little beside)."""
     table: list[list[object]] = []
+    by_spec = {str(row["spec"]): row for row in measured}
     for row in measured:
-        train_s = float(row["train_s"])  # type: ignore[arg-type]
-        add_rate = rows / max(float(row["build_s"]) - train_s, 1e-9)  # type: ignore[arg-type]
+        timed = by_spec.get(str(row.get("lists_of")), row)
+        train_s = float(timed["train_s"])  # type: ignore[arg-type]
+        add_rate = rows / max(float(timed["build_s"]) - train_s, 1e-9)  # type: ignore[arg-type]
         nlist_now = _shape(IndexSpec.parse(str(row["spec"])).resolve(rows, dim), rows, dim)[0]
         work_now = index_build.training_sample_size(nlist_now, rows) * math.sqrt(nlist_now)
         assign_now = assign_work(nlist_now)
@@ -198,6 +252,19 @@ def assign_work(nlist: int) -> float:
     return limit * math.log2(nlist) / math.log2(limit)
 
 
+def plain_ivf_lists(template: str, rows: int, options: argparse.Namespace) -> int | None:
+    """The list count of a template's index if it is a plain IVF index (its lists reusable)."""
+    text = expand(template, rows, options.dim, options.memory_gb)
+    spec = IndexSpec.parse(text).resolve(rows, options.dim)
+    index = faiss.index_factory(options.dim, spec.factory_string(rows), faiss.METRIC_INNER_PRODUCT)
+    index = faiss.downcast_index(index)
+    return int(index.nlist) if isinstance(index, faiss.IndexIVF) else None
+
+
+def _nlist(lists: CoarseLists) -> int:
+    return int(lists.centroids.shape[0])
+
+
 def _shape(spec: IndexSpec, rows: int, dim: int) -> tuple[int, int, int]:
     """``(nlist, code bytes a row, id bytes a row)`` of a concrete spec over ``rows`` rows."""
     index = faiss.index_factory(dim, spec.factory_string(rows), faiss.METRIC_INNER_PRODUCT)
@@ -218,6 +285,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--threads", type=int, default=1, help="FAISS (OpenMP) threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed searches (median)")
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are written")
+    parser.add_argument(
+        "--keep", type=Path, default=None,
+        help="keep each index, its results and the exact top-k in this folder, and reuse them: "
+        "a rerun measures only the specs and sizes not measured yet",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-reuse-lists", dest="reuse_lists", action="store_false",
+        help="train and assign every spec anew (by default a spec with the first one's IVF lists "
+        "reuses them: its build is timed as the codes only, and reported as the first one's "
+        "training and assignment plus nothing else, which is what a build anew does alike)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a small run in seconds")
     parser.add_argument("--no-save", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
@@ -226,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         args.memory_gb, args.classes, args.repeats = QUICK["memory_gb"], QUICK["classes"], 1
     set_threads(args.threads)
     baseline = rss_bytes()
-    workdir = Path(tempfile.mkdtemp(prefix="index-scale-", dir=args.workdir))
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="index-scale-", dir=args.workdir))
     table: list[list[object]] = []
     measured: list[dict[str, object]] = []
     try:
@@ -235,22 +315,37 @@ def main(argv: Sequence[str] | None = None) -> str:
             own = sample_ids(rows, min(args.queries, rows), seed=0)
             queries = gather_rows(source, own, args.dim)
             source.generation_s = 0.0
-            exact, exact_s = exact_search(queries, source, K + 1)
+            exact, exact_s = cached_exact_search(queries, source, workdir if args.keep else None)
             exact_qps = len(queries) / exact_s
-            table.append([rows, "exact (FAISS flat, streamed)", "—", "", "", "", 4.0 * args.dim,
-                          1.0, exact_qps, 1.0])  # fmt: skip
-            for template in args.specs:
-                row = bench_spec(template, source, queries, own, exact, args, workdir)
+            table.append([rows, "exact (FAISS flat, streamed)", "—", "", "", "", "", "",
+                          4.0 * args.dim, 1.0, exact_qps, 1.0])  # fmt: skip
+            base: tuple[dict[str, object], CoarseLists] | None = None
+            for number, template in enumerate(args.specs):
+                reuse = None
+                if base is not None and plain_ivf_lists(template, rows, args) == _nlist(base[1]):
+                    reuse = base[1]
+                row, lists = bench_spec(
+                    template, source, queries, own, exact, args, workdir, reuse=reuse,
+                    give_lists=args.reuse_lists and number == 0
+                    and plain_ivf_lists(template, rows, args) is not None,
+                )  # fmt: skip
+                if lists is not None:
+                    base = (row, lists)
+                if reuse is not None and base is not None:  # projected from the base's lists
+                    row["lists_of"] = base[0]["spec"]
                 measured.append(row)
                 table.append(
-                    [rows, row["spec"], row["built"], row["build_s"], row["train_s"],
-                     row["peak_gib"], row["bytes_per_row"], row["recall"], row["qps"],
+                    [rows, row["spec"], row["built"], "reused" if reuse is not None else "own",
+                     row["build_s"], row["build_cpu_s"], row["train_s"], row["peak_gib"],
+                     row["bytes_per_row"], row["recall"], row["qps"],
                      float(row["qps"]) / exact_qps]  # type: ignore[arg-type]
                 )  # fmt: skip
+            del base
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    headers = ["rows", "index", "built as", "build s", "train s", "peak RSS GiB", "bytes/row",
-               "recall@10", "queries/s", "× exact"]  # fmt: skip
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    headers = ["rows", "index", "built as", "IVF lists", "build s", "build CPU s", "train s",
+               "peak RSS GiB", "bytes/row", "recall@10", "queries/s", "× exact"]  # fmt: skip
     largest = max(args.rows)
     proj_headers = ["rows", "index", "resolves to", "index GiB", "training sample GiB",
                     "train h (est.)", "add h (est.)"]  # fmt: skip

@@ -23,7 +23,7 @@ from retclip.database.index import (
     save_index,
     search_index,
 )
-from retclip.database.index_build import build_index, build_index_streaming
+from retclip.database.index_build import CoarseLists, build_index, build_index_streaming
 from retclip.errors import DatabaseError, InputError
 
 
@@ -388,6 +388,59 @@ def test_streaming_build_equals_the_in_memory_build(
     np.testing.assert_array_equal(search_index(from_half, spec, q, 10)[1], expected)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["factory:IVF32,SQ8,nprobe=8", "factory:IVF32,PQ8np,nprobe=8",
+     "factory:IVF32_HNSW32,Flat,nprobe=8,ondisk=1"],
+)  # fmt: skip
+def test_reusing_another_index_lists_equals_building_the_index_anew(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], text: str
+) -> None:
+    """Codes written into the lists of an index over the same rows (no k-means, no assignment)
+    give the index a build from scratch gives: same lists, same results."""
+    x, q = data
+    spec = IndexSpec.parse(text)
+    first = build_index_streaming(
+        blocks_of(x, 250), len(x), x.shape[1], IndexSpec.parse("factory:IVF32,Flat,nprobe=8")
+    )
+    lists = CoarseLists.of(first)
+    assert lists.centroids.shape == (32, x.shape[1]) and len(lists.list_of_row) == len(x)
+    reused = build_index_streaming(
+        blocks_of(x, 333), len(x), x.shape[1], spec, lists=lists,
+        ondisk_path=tmp_path / "lists.ivfdata", part_rows=700,
+    )  # fmt: skip
+    anew = build_index_streaming(blocks_of(x, 333), len(x), x.shape[1], spec)
+    np.testing.assert_array_equal(CoarseLists.of(reused).list_of_row, lists.list_of_row)
+    np.testing.assert_array_equal(CoarseLists.of(anew).list_of_row, lists.list_of_row)
+    allowed = np.arange(len(x)) % 3 == 0
+    for mask in (None, allowed):
+        a, b = search_index(reused, spec, q, 10, mask), search_index(anew, spec, q, 10, mask)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_reusing_lists_refuses_what_they_do_not_fit(data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    lists = CoarseLists.of(build_index(x, IndexSpec.parse("factory:IVF32,Flat")))
+    cases = {
+        "factory:IVF16,SQ8": "32 centroids",  # other list count
+        "factory:PCA32,IVF32,Flat": "plain IVF",  # a transform before the lists
+        "flat": "no IVF lists",
+    }
+    for text, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            build_index_streaming(
+                blocks_of(x, 500), len(x), x.shape[1], IndexSpec.parse(text), lists=lists
+            )
+    with pytest.raises(InputError, match="over 2000 rows"):
+        build_index_streaming(
+            blocks_of(x[:1000], 500), 1000, x.shape[1], IndexSpec.parse("factory:IVF32,SQ8"),
+            lists=lists,
+        )  # fmt: skip
+    with pytest.raises(InputError, match="no IVF lists"):
+        CoarseLists.of(build_index(x, IndexSpec.parse("flat")))
+
+
 def test_ondisk_merge_gives_the_in_memory_ivf_results(
     tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -570,3 +623,59 @@ def test_db_index_evaluate_reports_recall(tmp_path: Path) -> None:
     bad = runner.invoke(cli, ["db", "index", str(tmp_path / "db"), "factory:PQ8"])
     assert bad.exit_code == 1 and bad.output.startswith("Error: bad index spec 'factory:PQ8'")
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_db_index_reuse_lists_writes_other_codes_into_the_saved_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`retclip db index DB SPEC --reuse-lists` builds SPEC into the saved index's IVF lists,
+    giving the index a build anew gives, and refuses lists SPEC cannot use before writing."""
+    from click.testing import CliRunner
+
+    from retclip.cli import cli
+    from retclip.database import index_build
+
+    db, anew = tmp_path / "db", tmp_path / "anew"
+    labelled_database(db, shards=4)
+    labelled_database(anew, shards=4)
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(cli, ["db", "index", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    first, other = "factory:IVF32,Flat,nprobe=8", "factory:IVF32_HNSW32,SQ8,nprobe=8"
+    refused = runner.invoke(cli, ["db", "index", str(db), other, "--reuse-lists"])  # exact now
+    assert refused.exit_code == 1 and "has no saved index of its current rows" in refused.output
+    run(str(db), first)
+    lists = CoarseLists.of(load_index(db / "index.faiss"))
+    preassigned: list[int] = []
+    real = index_build._add_preassigned
+
+    def spy(index: faiss.Index, block: np.ndarray, first_id: int, given: CoarseLists) -> None:
+        preassigned.append(len(block))
+        real(index, block, first_id, given)
+
+    monkeypatch.setattr(index_build, "_add_preassigned", spy)
+    output = run(str(db), other, "--reuse-lists", "--evaluate", "--sample", "50", "-k", "10")
+    assert output.startswith(f"{db}: index {other} built over 2000 rows")
+    assert sum(preassigned) == 2000  # every row went into the list it had
+    reused = FeatureDatabase.open(db)
+    np.testing.assert_array_equal(
+        CoarseLists.of(load_index(db / "index.faiss")).list_of_row, lists.list_of_row
+    )
+    run(str(anew), other)  # the same spec built anew
+    q = clustered(20, seed=3)
+    expected = FeatureDatabase.open(anew).search(q, 10)
+    for got, want in zip(reused.search(q, 10), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for args, message in [
+        ([other.replace("IVF32_", "IVF16_")], "32 centroids"),  # other list count
+        (["factory:PCA16,IVF32,Flat"], "plain IVF"),
+        ([], "--reuse-lists needs the index SPEC"),
+    ]:
+        bad = runner.invoke(cli, ["db", "index", str(db), *args, "--reuse-lists"])
+        assert bad.exit_code == 1 and message in bad.output, bad.output
+        assert len(bad.output.strip().splitlines()) == 1
+    assert str(FeatureDatabase.open(db).index_spec) == other  # the refused specs not recorded

@@ -393,6 +393,13 @@ def db_info(path: Path, as_json: bool) -> None:
     help="Report recall@k against exact search on sampled rows of the database (after "
     "building SPEC, or of the current index without SPEC).",
 )
+@click.option(
+    "--reuse-lists",
+    is_flag=True,
+    help="Build SPEC (a plain IVF index with as many lists) into the IVF lists of the saved "
+    "current index: only its codes, without k-means or assigning every row again (the costly "
+    "parts at millions of rows), e.g. to try SQ8 or PQ codes behind the same lists.",
+)
 @click.option("--sample", default=1000, show_default=True, help="Rows sampled by --evaluate.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the --evaluate sample.")
 @click.option(
@@ -405,7 +412,13 @@ def db_info(path: Path, as_json: bool) -> None:
     help="Neighbours counts reported by --evaluate (repeatable).",
 )
 def db_index(
-    path: Path, spec: str | None, evaluate: bool, sample: int, seed: int, ks: tuple[int, ...]
+    path: Path,
+    spec: str | None,
+    evaluate: bool,
+    reuse_lists: bool,
+    sample: int,
+    seed: int,
+    ks: tuple[int, ...],
 ) -> None:
     """Set and rebuild the search index (SPEC), and/or measure its recall (--evaluate).
 
@@ -423,15 +436,18 @@ def db_index(
     IVF indexes also take ondisk=1: inverted lists in a file beside the index, built shard by
     shard and memory-mapped (for indexes larger than memory).
 
-    Examples: retclip db index DB auto:memory_gb=8 --evaluate; retclip db index DB --evaluate.
+    Examples: retclip db index DB auto:memory_gb=8 --evaluate; retclip db index DB --evaluate;
+    retclip db index DB factory:IVF32768_HNSW32,PQ64np,nprobe=128 --reuse-lists --evaluate.
     """
     from retclip.database import FeatureDatabase, IndexSpec
 
+    if spec is None and reuse_lists:
+        raise InputError("--reuse-lists needs the index SPEC to build into the lists")
     if spec is None and not evaluate:
         raise InputError("give an index SPEC, --evaluate, or both")
     database = FeatureDatabase.open(path)
     if spec is not None:
-        database.set_index(IndexSpec.parse(spec))
+        database.set_index(IndexSpec.parse(spec), reuse_lists=reuse_lists)
         resolved = database.info()["index"]["resolved"]
         shown = spec if resolved == str(IndexSpec.parse(spec)) else f"{spec} ({resolved})"
         click.echo(f"{path}: index {shown} built over {len(database)} rows")

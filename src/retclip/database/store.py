@@ -93,7 +93,7 @@ from retclip.database.index import (
     save_index,
     search_index,
 )
-from retclip.database.index_build import build_index_streaming
+from retclip.database.index_build import CoarseLists, build_index_streaming, check_lists
 from retclip.database.index_recall import DEFAULT_KS, RecallReport, evaluate_recall
 from retclip.database.shards import (
     DTYPES,
@@ -791,14 +791,35 @@ class FeatureDatabase:
                 write_meta(self._path, meta)
         self._refresh(meta)
 
-    def set_index(self, spec: IndexSpec) -> None:
+    def set_index(self, spec: IndexSpec, *, reuse_lists: bool = False) -> None:
         """Make ``spec`` the database's index; (re)builds and persists it now if needed.
 
         Unlike a search, which uses an index it could not save, this fails
         (:class:`DatabaseError`) when the index cannot be saved: saving it is what was asked.
+        With ``reuse_lists``, ``spec`` (a plain IVF index with as many lists) is built into the
+        IVF lists of the saved current index: its codes only, no k-means and no assignment of
+        the rows, the costly parts of a large build.
         """
+        lists = None
+        if reuse_lists:
+            lists = self._saved_lists()
+            check_lists(spec.resolve(self.num_rows, self.dim), lists, self.num_rows, self.dim)
         self._record_spec(spec)
-        self._ensure_index(persist_required=True)
+        self._ensure_index(persist_required=True, lists=lists)
+
+    def _saved_lists(self) -> CoarseLists:
+        """The IVF lists of the saved index of the current rows (:class:`CoarseLists`)."""
+        current = self.index_spec.resolve(self.num_rows, self.dim)
+        index = self._load_persisted_index(current)
+        if index is None:
+            raise InputError(
+                f"database {self._path} has no saved index of its current rows to reuse the "
+                f"lists of; build one first (retclip db index {self._path} SPEC)"
+            )
+        try:
+            return CoarseLists.of(index)
+        except InputError as error:
+            raise InputError(f"database {self._path}: its index {current}: {error}") from None
 
     def _record_is_current(self, record: Any, spec: IndexSpec) -> bool:
         return (
@@ -865,8 +886,11 @@ class FeatureDatabase:
                 raise
             warnings.warn(f"could not save the index ({error}); using it unsaved", stacklevel=3)
 
-    def _ensure_index(self, *, persist_required: bool = False) -> faiss.Index:
-        """The index for the current rows and spec: cached, loaded, or built (and persisted).
+    def _ensure_index(
+        self, *, persist_required: bool = False, lists: CoarseLists | None = None
+    ) -> faiss.Index:
+        """The index for the current rows and spec: cached, loaded, or built (and persisted;
+        into ``lists`` when given).
 
         An ``auto`` spec is resolved for the current row count first, so a database that grows
         past the exact-search limit switches to an approximate index at its next search.
@@ -877,7 +901,7 @@ class FeatureDatabase:
             return self._index
         index = self._load_persisted_index(spec)
         if index is None:
-            index = self._build_index(spec)
+            index = self._build_index(spec, lists)
             if spec.type != "flat":
                 self._persist_index(index, spec, key[0], required=persist_required)
         self._index, self._index_key = index, key
@@ -888,7 +912,7 @@ class FeatureDatabase:
         memory-mapped at a time: what an index is built from, never all rows in memory."""
         return iter_features(self._path, self._meta, 65_536)
 
-    def _build_index(self, spec: IndexSpec) -> faiss.Index:
+    def _build_index(self, spec: IndexSpec, lists: CoarseLists | None = None) -> faiss.Index:
         """Build the index of the concrete ``spec`` from the shards (streaming). An ``ondisk``
         index keeps its lists in a build folder in the database (moved beside ``index.faiss``
         when persisted; removed with the index object otherwise); on a read-only database it is
@@ -912,6 +936,7 @@ class FeatureDatabase:
                 self.dim,
                 spec,
                 ondisk_path=None if build_dir is None else build_dir / "lists.ivfdata",
+                lists=lists,
             )
         except BaseException:
             if build_dir is not None:

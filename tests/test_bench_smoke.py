@@ -132,9 +132,30 @@ def test_index_scale_quick() -> None:
     table = [line for line in text.splitlines() if line.startswith("| 10000 |")]
     assert len(table) == 1 + len(index_scale.DEFAULT_SPECS)  # exact, auto and two alternatives
     assert "auto:memory_gb=" in table[1] and "ondisk=1" in table[3]
-    recalls = [float(line.split("|")[8]) for line in table[1:]]
+    recalls = [float(line.split("|")[10]) for line in table[1:]]
     assert all(0 < recall <= 1 for recall in recalls)
     assert "| 1,000,000,000 |" in text  # the projection
+
+
+def test_index_scale_reuses_lists_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With IVF at the quick size, the alternatives are built into auto's lists; --keep makes
+    a rerun take every measurement from the folder instead of building again."""
+    from bench import index_scale
+
+    from retclip.database import index as index_module
+
+    monkeypatch.setattr(index_module, "AUTO_EXACT_MAX_ROWS", 5000)  # auto: IVF at 10k rows
+    first = index_scale.main(["--quick", "--no-save", "--keep", str(tmp_path)])
+    table = [line.split("|") for line in first.splitlines() if line.startswith("| 10000 |")]
+    assert [cells[4].strip() for cells in table[1:]] == ["own", "reused", "reused"]
+    assert "IVF64," in table[1][3]  # lists capped by the tiny memory budget
+    assert "measured before" not in capsys.readouterr().out
+    again = index_scale.main(["--quick", "--no-save", "--keep", str(tmp_path)])
+    assert capsys.readouterr().out.count("measured before") == len(index_scale.DEFAULT_SPECS)
+    rows = [line.split("|")[4:] for line in again.splitlines() if line.startswith("| 10000 |")]
+    assert rows == [cells[4:] for cells in table]  # the same measurements
 
 
 def test_throughput_quick() -> None:

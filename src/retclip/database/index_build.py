@@ -202,6 +202,9 @@ def _train(target: faiss.Index, x: np.ndarray) -> None:
             clustering_niter=int(index.cp.niter),
             seed=int(index.cp.seed),
             spherical=bool(index.cp.spherical),
+            # sub-clusters get ~39 points a centroid, some a few less: without this FAISS prints
+            # a "please provide at least" line for each of them (only a warning, same result)
+            min_points_per_centroid=1,
         )
         index.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index.train(x)  # IVF: only the codes when the quantiser already holds nlist centroids

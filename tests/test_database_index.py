@@ -679,3 +679,41 @@ def test_db_index_reuse_lists_writes_other_codes_into_the_saved_lists(
         assert bad.exit_code == 1 and message in bad.output, bad.output
         assert len(bad.output.strip().splitlines()) == 1
     assert str(FeatureDatabase.open(db).index_spec) == other  # the refused specs not recorded
+
+
+def test_two_level_kmeans_is_faiss_s_and_gives_every_cluster_a_centroid() -> None:
+    """The same centroids as ``faiss.contrib.clustering.two_level_clustering`` where that works;
+    where its rounding would give a small cluster no sub-cluster (and fail), one."""
+    from faiss.contrib.clustering import two_level_clustering
+
+    from retclip.database.index_build import apportion, two_level_kmeans
+
+    faiss.omp_set_num_threads(1)
+    x = clustered(256 * 39, seed=4)
+    ours = two_level_kmeans(x, 256, niter=10, seed=1234)
+    theirs, _ = two_level_clustering(x, 16, 256, clustering_niter=10, seed=1234)
+    np.testing.assert_array_equal(ours, theirs)
+    assert apportion(np.array([9990, 5, 5]), 256).tolist() == [254, 1, 1]  # FAISS: 256, 0, 0
+    assert apportion(np.array([3, 0, 100]), 10).tolist() == [1, 0, 9]
+    assert apportion(np.array([2, 2]), 4).tolist() == [2, 2]  # never more than the points
+    far = np.zeros((5, x.shape[1]), np.float32)
+    far[:, 0] = 1.0  # 5 rows far from the others: a top-level cluster of their own
+    centroids = two_level_kmeans(np.concatenate([x, far]), 256, niter=10, seed=1234)
+    assert centroids.shape == (256, x.shape[1])
+    assert np.max(centroids @ far[0]) > 0.99  # the small cluster has its centroid
+
+
+def test_an_index_that_fails_training_falls_back_to_exact_only_when_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A few rows too few for a spec's codebooks give an exact index with a warning; at a size
+    where an exact index may not fit memory (10M x 768 float32 is 30 GB) the error is raised."""
+    from retclip.database import index_build
+
+    x = clustered(2000)
+    spec = IndexSpec.parse("factory:IVF16,PQ8x12")  # 4096-code PQ: more codes than rows
+    with pytest.warns(UserWarning, match="cannot be trained on 2000 rows"):
+        assert isinstance(build_index(x, spec), faiss.IndexFlatIP)
+    monkeypatch.setattr(index_build, "AUTO_EXACT_MAX_ROWS", 1000)
+    with pytest.raises(DatabaseError, match=r"could not be trained on 2000 of 2000 rows: .*4096"):
+        build_index(x, spec)

@@ -36,18 +36,18 @@ from typing import Any
 
 import faiss
 import numpy as np
-from faiss.contrib.clustering import two_level_clustering
 from faiss.contrib.inspect_tools import get_invlist
 from faiss.contrib.ivf_tools import add_preassigned
 
 from retclip.database.index import (
+    AUTO_EXACT_MAX_ROWS,
     MIN_POINTS_PER_CENTROID,
     TRAIN_SEED,
     IndexSpec,
     configure_search,
     faiss_message,
 )
-from retclip.errors import InputError
+from retclip.errors import DatabaseError, InputError
 
 #: A callable yielding the features ``[n_i, D]`` block by block, in row order, on each call.
 Blocks = Callable[[], Iterable[np.ndarray]]
@@ -195,19 +195,66 @@ def _train(target: faiss.Index, x: np.ndarray) -> None:
         and index.nlist >= TWO_LEVEL_MIN_NLIST
         and index.quantizer.ntotal == 0
     ):
-        centroids, _ = two_level_clustering(
+        centroids = two_level_kmeans(
             x,
-            int(math.sqrt(index.nlist)),
             int(index.nlist),
-            clustering_niter=int(index.cp.niter),
+            niter=int(index.cp.niter),
             seed=int(index.cp.seed),
             spherical=bool(index.cp.spherical),
-            # sub-clusters get ~39 points a centroid, some a few less: without this FAISS prints
-            # a "please provide at least" line for each of them (only a warning, same result)
-            min_points_per_centroid=1,
         )
-        index.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        index.quantizer.add(centroids)
     index.train(x)  # IVF: only the codes when the quantiser already holds nlist centroids
+
+
+def two_level_kmeans(
+    x: np.ndarray, nlist: int, *, niter: int, seed: int, spherical: bool = False
+) -> np.ndarray:
+    """``nlist`` centroids ``[nlist, D]`` of ``x`` ``[n, D]`` by FAISS's two-level k-means:
+    ``sqrt(nlist)`` clusters (``niter`` iterations), each split by its own k-means into
+    sub-clusters in proportion to its points.
+
+    This is ``faiss.contrib.clustering.two_level_clustering``'s method, except that every
+    non-empty cluster gets at least one sub-cluster (and none more than its points): FAISS's
+    rounding gives a small cluster none and then fails (``clus.k > 0``), which happened on a
+    10M-row build's 1.3M-row sample. Sub-clusters train on ~39 points each, some a few less, so
+    FAISS's "please provide at least" warning is turned off (``min_points_per_centroid=1``).
+    """
+    dim = x.shape[1]
+    top = faiss.Kmeans(dim, int(math.sqrt(nlist)), niter=niter, seed=seed, spherical=spherical,
+                       max_points_per_centroid=2000)  # fmt: skip
+    top.train(x)
+    _, assigned = top.assign(x)
+    counts = np.bincount(assigned, minlength=top.k)
+    shares = apportion(counts, nlist)
+    order = assigned.argsort()  # as FAISS orders the points: the sub-k-means sample from it
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    parts: list[Any] = []
+    for cluster in np.flatnonzero(shares):
+        members = x[order[starts[cluster] : starts[cluster + 1]]]
+        if shares[cluster] == len(members):
+            parts.append(members)
+            continue
+        # FAISS's sub-clusterings keep Kmeans' default 25 iterations
+        sub = faiss.Kmeans(dim, int(shares[cluster]), seed=seed, spherical=spherical,
+                           min_points_per_centroid=1)  # fmt: skip
+        sub.train(members)
+        parts.append(sub.centroids)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def apportion(counts: np.ndarray, total: int) -> np.ndarray:
+    """``total`` shares ``[C]`` in proportion to ``counts`` ``[C]`` (FAISS's rounding by
+    cumulative sums), each non-empty count getting at least 1 and none more than its count."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if total > counts.sum():
+        raise ValueError(f"cannot share {total} among {counts.sum()} points")
+    shares = np.diff(np.concatenate([[0], np.cumsum(counts) * total // counts.sum()]))
+    shares = np.minimum(np.maximum(shares, (counts > 0).astype(np.int64)), counts)
+    while shares.sum() > total:  # the minimum of 1 took a few: from the largest shares
+        shares[np.argmax(shares)] -= 1
+    while shares.sum() < total:  # the cap took a few: to the clusters with points to spare
+        shares[np.argmax(counts - shares)] += 1
+    return shares
 
 
 def _empty_index(spec: IndexSpec, rows: int, dim: int) -> faiss.Index | None:
@@ -351,6 +398,11 @@ def build_index_streaming(
         try:
             _train(index, sample)
         except RuntimeError as error:  # e.g. fewer rows than a PQ codebook's codes
+            if rows > AUTO_EXACT_MAX_ROWS:  # an exact index this size may not even fit memory
+                raise DatabaseError(
+                    f"index {spec} could not be trained on {len(sample)} of {rows} rows: "
+                    f"{faiss_message(error)}"
+                ) from None
             _warn_exact(f"index {spec} cannot be trained on {rows} rows ({faiss_message(error)})")
             index = None
         del sample
@@ -435,6 +487,7 @@ def merge_parts(trained: faiss.Index, parts: Sequence[Path], ondisk_path: Path) 
 __all__ = [
     "Blocks",
     "CoarseLists",
+    "apportion",
     "build_index",
     "build_index_streaming",
     "check_lists",
@@ -445,4 +498,5 @@ __all__ = [
     "sample_ids",
     "training_rows",
     "training_sample_size",
+    "two_level_kmeans",
 ]

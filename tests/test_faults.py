@@ -39,8 +39,9 @@ IMAGES = 40  # one commit per image in the writer below
 KILLS = int(os.environ.get("RETCLIP_FAULT_KILLS", "6"))
 
 # A writer that adds the rows of images 0..IMAGES-1 (deterministic features), skipping the images
-# already committed under its build id, and rebuilds an HNSW index now and then (so a kill can
-# land inside an index write too). Prints "ready" once imported, then "done".
+# already committed under its build id, and rebuilds an HNSW index now and then and at the end (so
+# a kill can land inside an index write too, and a resumed run with no image left still finishes
+# the index). Prints "ready" once imported, then "done".
 WRITER = textwrap.dedent(
     """
     import sys
@@ -63,6 +64,7 @@ WRITER = textwrap.dedent(
                completed_sources=[f"img{image}"])
         if image % 10 == 9:
             db.set_index(IndexSpec.parse("hnsw:hnsw_m=8"))
+    db.set_index(IndexSpec.parse("hnsw:hnsw_m=8"))  # (again) after a kill inside the last one
     print("done", flush=True)
     """
 )

@@ -116,6 +116,21 @@ def exact_search(queries: np.ndarray, source: Synthetic, k: int) -> tuple[np.nda
     return heap.I, searching
 
 
+def cached_queries(source: Synthetic, own: np.ndarray, keep: Path | None) -> np.ndarray:
+    """The rows ``own`` of ``source`` (one pass over the rows), kept in ``keep`` when given."""
+    path = None
+    if keep is not None:
+        key = hashlib.sha1(own.tobytes()).hexdigest()[:12]
+        path = keep / f"queries-{source.rows}-{source.dim}-{source.classes}-{key}.npy"
+        if path.is_file():
+            return np.load(path)
+    queries = gather_rows(source, own, source.dim)
+    if path is not None:
+        np.save(path.with_suffix(".tmp.npy"), queries)
+        path.with_suffix(".tmp.npy").replace(path)
+    return queries
+
+
 def cached_exact_search(
     queries: np.ndarray, source: Synthetic, keep: Path | None
 ) -> tuple[np.ndarray, float]:
@@ -313,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         for rows in args.rows:
             source = Synthetic(rows, args.dim, args.classes)
             own = sample_ids(rows, min(args.queries, rows), seed=0)
-            queries = gather_rows(source, own, args.dim)
+            queries = cached_queries(source, own, workdir if args.keep else None)
             source.generation_s = 0.0
             exact, exact_s = cached_exact_search(queries, source, workdir if args.keep else None)
             exact_qps = len(queries) / exact_s

@@ -207,7 +207,7 @@ def bench_spec(
             "train_s": timer.seconds.get("train", 0.0),
             "peak_gib": gib(memory.peak), "bytes_per_row": size / source.rows, "recall": recall,
             "qps": len(queries) / search_s, "ondisk": ondisk is not None,
-            "lists_reused": reuse is not None,
+            "lists_reused": reuse is not None, "threads": options.threads,
         }  # fmt: skip
         if options.keep is not None:
             (folder / "result.json").write_text(json.dumps(result))
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             exact, exact_s = cached_exact_search(queries, source, workdir if args.keep else None)
             exact_qps = len(queries) / exact_s
             table.append([rows, "exact (FAISS flat, streamed)", "—", "", "", "", "", "",
-                          4.0 * args.dim, 1.0, exact_qps, 1.0])  # fmt: skip
+                          4.0 * args.dim, 1.0, exact_qps, 1.0, args.threads])  # fmt: skip
             base: tuple[dict[str, object], CoarseLists] | None = None
             for number, template in enumerate(args.specs):
                 reuse = None
@@ -353,25 +353,29 @@ def main(argv: Sequence[str] | None = None) -> str:
                     [rows, row["spec"], row["built"], "reused" if reuse is not None else "own",
                      row["build_s"], row["build_cpu_s"], row["train_s"], row["peak_gib"],
                      row["bytes_per_row"], row["recall"], row["qps"],
-                     float(row["qps"]) / exact_qps]  # type: ignore[arg-type]
+                     float(row["qps"]) / exact_qps,  # type: ignore[arg-type]
+                     row.get("threads", args.threads)]
                 )  # fmt: skip
             del base
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
     headers = ["rows", "index", "built as", "IVF lists", "build s", "build CPU s", "train s",
-               "peak RSS GiB", "bytes/row", "recall@10", "queries/s", "× exact"]  # fmt: skip
+               "peak RSS GiB", "bytes/row", "recall@10", "queries/s", "× exact",
+               "FAISS threads"]  # fmt: skip
     largest = max(args.rows)
     proj_headers = ["rows", "index", "resolves to", "index GiB", "training sample GiB",
                     "train h (est.)", "add h (est.)"]  # fmt: skip
     notes = (
         f"dim {args.dim}, {args.classes} clustered classes, generated in {BLOCK_ROWS}-row blocks "
         f"(never all in memory); {args.queries} sampled rows as queries, their own match left "
-        f"out; top-{K}; FAISS threads {args.threads}; queries/s of one batched search of the "
+        f"out; top-{K}; FAISS threads as in the last column (a row kept by --keep from an "
+        "earlier run keeps its own); queries/s of one batched search of the "
         "index reloaded memory-mapped (median of the repeats after a warm-up). Peak RSS: the "
         f"build's resident memory, {gib(baseline):.2f} GiB before any (interpreter, torch, "
         "FAISS); the training sample is 39-64 rows a list as float32. "
-        f"Projection from the {largest:,}-row measurements below."
+        f"Projection from the {largest:,}-row measurements below, in wall hours at each "
+        "row's threads."
     )
     projected = projection(
         [row for row in measured if row["rows"] == largest], largest, args.dim, args.memory_gb

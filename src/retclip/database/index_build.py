@@ -36,7 +36,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-from faiss.contrib.inspect_tools import get_invlist
 from faiss.contrib.ivf_tools import add_preassigned
 
 from retclip.database.index import (
@@ -92,10 +91,14 @@ class CoarseLists:
             raise InputError(f"index {type(index).__name__} has no IVF lists to reuse")
         centroids = ivf.quantizer.reconstruct_n(0, int(ivf.nlist))
         list_of_row = np.full(int(ivf.ntotal), -1, dtype=np.int64)
+        invlists = ivf.invlists
         for number in range(int(ivf.nlist)):
-            if ivf.invlists.list_size(number):
-                ids, _ = get_invlist(ivf.invlists, number)
-                if ids.size and (ids.min() < 0 or ids.max() >= len(list_of_row)):
+            size = int(invlists.list_size(number))
+            if size:  # the ids only (get_invlist would copy the codes too: 7.7 GB at 10M SQ8)
+                pointer = invlists.get_ids(number)
+                ids = faiss.rev_swig_ptr(pointer, size).copy()
+                invlists.release_ids(number, pointer)
+                if ids.min() < 0 or ids.max() >= len(list_of_row):
                     raise InputError("the index's row ids are not 0 .. ntotal-1; cannot reuse")
                 list_of_row[ids] = number
         if (list_of_row < 0).any():

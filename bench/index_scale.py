@@ -11,12 +11,14 @@ FAISS search streamed over the rows (generation time excluded). Then a projectio
 build time to 100M and 1B rows from the measured rates.
 
     OMP_NUM_THREADS=1 python -m bench.index_scale --rows 1000000 --threads 2
+    python -m bench.index_scale --measured bench/measured/index_scale_10m.json  # the 10M run
     python -m bench.index_scale --quick --no-save          # seconds, for the smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import hashlib
 import json
@@ -27,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -35,7 +38,9 @@ from bench.bench_retrieval import clustered_features
 from bench.common import (
     PeakMemory,
     StageTimer,
+    command_line,
     gib,
+    machine_info,
     markdown_table,
     median,
     report,
@@ -63,6 +68,9 @@ DEFAULT_SPECS = (
     "factory:IVF{nlist}_HNSW32,PQ{pq_m}np,nprobe={nprobe},quantizer_efSearch={ef}",
     "factory:IVF{nlist}_HNSW32,SQ8,nprobe={nprobe},quantizer_efSearch={ef},ondisk=1",
 )
+#: One size's measurements (:func:`measure_size`): JSON, as ``--keep`` writes and ``--measured``
+#: reads it.
+Record = dict[str, Any]
 QUICK = {"rows": [10_000], "dim": 64, "queries": 200, "memory_gb": 0.002, "classes": 100}
 
 
@@ -219,7 +227,7 @@ def bench_spec(
 
 
 def projection(
-    measured: Sequence[dict[str, object]], rows: int, dim: int, memory_gb: float
+    measured: Sequence[Record], rows: int, dim: int, memory_gb: float
 ) -> list[list[object]]:
     """Each measured spec at 100M and 1B rows with the same codes: its template expanded for the
     size, the memory budget scaled with the rows. Index memory from the code size (codes and
@@ -234,8 +242,8 @@ def projection(
     by_spec = {str(row["spec"]): row for row in measured}
     for row in measured:
         timed = by_spec.get(str(row.get("lists_of")), row)
-        train_s = float(timed["train_s"])  # type: ignore[arg-type]
-        add_rate = rows / max(float(timed["build_s"]) - train_s, 1e-9)  # type: ignore[arg-type]
+        train_s = float(timed["train_s"])
+        add_rate = rows / max(float(timed["build_s"]) - train_s, 1e-9)
         nlist_now = _shape(IndexSpec.parse(str(row["spec"])).resolve(rows, dim), rows, dim)[0]
         work_now = index_build.training_sample_size(nlist_now, rows) * math.sqrt(nlist_now)
         assign_now = assign_work(nlist_now)
@@ -289,6 +297,87 @@ def _shape(spec: IndexSpec, rows: int, dim: int) -> tuple[int, int, int]:
     return int(ivf.nlist), int(ivf.code_size), 8
 
 
+def measure_size(
+    rows: int, args: argparse.Namespace, workdir: Path
+) -> Record:  # fmt: skip
+    """Exact search and every spec of ``args.specs`` at ``rows`` rows: the size's record (what
+    :func:`table_rows` and :func:`projection` read), also written to ``--keep``'s folder."""
+    source = Synthetic(rows, args.dim, args.classes)
+    own = sample_ids(rows, min(args.queries, rows), seed=0)
+    queries = cached_queries(source, own, workdir if args.keep else None)
+    source.generation_s = 0.0
+    exact, exact_s = cached_exact_search(queries, source, workdir if args.keep else None)
+    measured: list[dict[str, object]] = []
+    base: tuple[dict[str, object], CoarseLists] | None = None
+    for number, template in enumerate(args.specs):
+        reuse = None
+        if base is not None and plain_ivf_lists(template, rows, args) == _nlist(base[1]):
+            reuse = base[1]
+        row, lists = bench_spec(
+            template, source, queries, own, exact, args, workdir, reuse=reuse,
+            give_lists=args.reuse_lists and number == 0
+            and plain_ivf_lists(template, rows, args) is not None,
+        )  # fmt: skip
+        if lists is not None:
+            base = (row, lists)
+        if reuse is not None and base is not None:  # projected from the base's lists
+            row["lists_of"] = base[0]["spec"]
+        measured.append(row)
+    record: Record = {
+        "rows": rows, "dim": args.dim, "classes": args.classes, "queries": len(queries),
+        "memory_gb": args.memory_gb, "threads": args.threads,
+        "exact_qps": len(queries) / exact_s, "results": measured,
+        "measured": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command_line(), "machine": machine_info(),
+    }  # fmt: skip
+    if args.keep is not None:
+        path = workdir / f"measured-{rows}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+        path.with_suffix(".tmp").replace(path)
+    return record
+
+
+def table_rows(record: Record) -> list[list[object]]:
+    """The measured table's rows of one size's record: exact search, then each spec."""
+    rows, exact_qps = record["rows"], float(record["exact_qps"])
+    table: list[list[object]] = [
+        [rows, "exact (FAISS flat, streamed)", "—", "", "", "", "", "",
+         4.0 * int(record["dim"]), 1.0, exact_qps, 1.0, record["threads"]]
+    ]  # fmt: skip
+    for row in record["results"]:
+        table.append(
+            [rows, row["spec"], row["built"], "reused" if row.get("lists_reused") else "own",
+             row["build_s"], row["build_cpu_s"], row["train_s"], row["peak_gib"],
+             row["bytes_per_row"], row["recall"], row["qps"], float(row["qps"]) / exact_qps,
+             row.get("threads", record["threads"])]
+        )  # fmt: skip
+    return table
+
+
+def load_records(paths: Sequence[Path]) -> list[Record]:
+    """Size records written by an earlier run (``--keep``'s ``measured-ROWS.json``, or the
+    recorded runs under ``bench/measured/``), checked for the fields the report reads."""
+    records = []
+    needed = {"rows", "dim", "memory_gb", "threads", "exact_qps", "results"}
+    per_spec = {"spec", "template", "built", "build_s", "build_cpu_s", "train_s", "peak_gib",
+                "bytes_per_row", "recall", "qps"}  # fmt: skip
+    for path in paths:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"Error: cannot read the measurements {path}: {error}") from None
+        missing = needed - set(record) if isinstance(record, dict) else needed
+        if not missing:
+            for row in record["results"]:
+                missing |= per_spec - set(row)
+        if missing:
+            raise SystemExit(
+                f"Error: {path} is not an index_scale record: missing {', '.join(sorted(missing))}"
+            )
+        records.append(record)
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
@@ -303,7 +392,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument(
         "--keep", type=Path, default=None,
         help="keep each index, its results and the exact top-k in this folder, and reuse them: "
-        "a rerun measures only the specs and sizes not measured yet",
+        "a rerun measures only the specs and sizes not measured yet; each size's record is "
+        "written there as measured-ROWS.json",
+    )  # fmt: skip
+    parser.add_argument(
+        "--measured", type=Path, nargs="+", default=None, metavar="RECORD",
+        help="build nothing: report (and project) from size records an earlier run wrote "
+        "(measured-ROWS.json of --keep, or bench/measured/*.json)",
     )  # fmt: skip
     parser.add_argument(
         "--no-reuse-lists", dest="reuse_lists", action="store_false",
@@ -319,69 +414,52 @@ def main(argv: Sequence[str] | None = None) -> str:
         args.memory_gb, args.classes, args.repeats = QUICK["memory_gb"], QUICK["classes"], 1
     set_threads(args.threads)
     baseline = rss_bytes()
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="index-scale-", dir=args.workdir))
-    table: list[list[object]] = []
-    measured: list[dict[str, object]] = []
-    try:
-        for rows in args.rows:
-            source = Synthetic(rows, args.dim, args.classes)
-            own = sample_ids(rows, min(args.queries, rows), seed=0)
-            queries = cached_queries(source, own, workdir if args.keep else None)
-            source.generation_s = 0.0
-            exact, exact_s = cached_exact_search(queries, source, workdir if args.keep else None)
-            exact_qps = len(queries) / exact_s
-            table.append([rows, "exact (FAISS flat, streamed)", "—", "", "", "", "", "",
-                          4.0 * args.dim, 1.0, exact_qps, 1.0, args.threads])  # fmt: skip
-            base: tuple[dict[str, object], CoarseLists] | None = None
-            for number, template in enumerate(args.specs):
-                reuse = None
-                if base is not None and plain_ivf_lists(template, rows, args) == _nlist(base[1]):
-                    reuse = base[1]
-                row, lists = bench_spec(
-                    template, source, queries, own, exact, args, workdir, reuse=reuse,
-                    give_lists=args.reuse_lists and number == 0
-                    and plain_ivf_lists(template, rows, args) is not None,
-                )  # fmt: skip
-                if lists is not None:
-                    base = (row, lists)
-                if reuse is not None and base is not None:  # projected from the base's lists
-                    row["lists_of"] = base[0]["spec"]
-                measured.append(row)
-                table.append(
-                    [rows, row["spec"], row["built"], "reused" if reuse is not None else "own",
-                     row["build_s"], row["build_cpu_s"], row["train_s"], row["peak_gib"],
-                     row["bytes_per_row"], row["recall"], row["qps"],
-                     float(row["qps"]) / exact_qps,  # type: ignore[arg-type]
-                     row.get("threads", args.threads)]
-                )  # fmt: skip
-            del base
-    finally:
-        if args.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    if args.measured is not None:
+        records = load_records(args.measured)
+    else:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        workdir = args.keep or Path(tempfile.mkdtemp(prefix="index-scale-", dir=args.workdir))
+        try:
+            records = [measure_size(rows, args, workdir) for rows in args.rows]
+        finally:
+            if args.keep is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+    table = [line for record in records for line in table_rows(record)]
     headers = ["rows", "index", "built as", "IVF lists", "build s", "build CPU s", "train s",
                "peak RSS GiB", "bytes/row", "recall@10", "queries/s", "× exact",
                "FAISS threads"]  # fmt: skip
-    largest = max(args.rows)
+    largest = max(records, key=lambda record: int(record["rows"]))
+    rows, dim = int(largest["rows"]), int(largest["dim"])
     proj_headers = ["rows", "index", "resolves to", "index GiB", "training sample GiB",
                     "train h (est.)", "add h (est.)"]  # fmt: skip
+    if args.measured is not None:
+        origin = "; ".join(
+            f"{int(record['rows']):,} rows measured {record.get('measured', '(date not kept)')} "
+            f"by `{record.get('command', '(command not kept)')}`"
+            + (f" ({record['source']})" if record.get("source") else "")
+            for record in records
+        )
+        setting = f"Reported from the records {', '.join(map(str, args.measured))}: {origin}. "
+        baseline_text = ""
+    else:
+        setting = ""
+        baseline_text = f", {gib(baseline):.2f} GiB before any (interpreter, torch, FAISS)"
     notes = (
-        f"dim {args.dim}, {args.classes} clustered classes, generated in {BLOCK_ROWS}-row blocks "
-        f"(never all in memory); {args.queries} sampled rows as queries, their own match left "
+        f"{setting}dim {dim}, {largest.get('classes', args.classes)} clustered classes, "
+        f"generated in {BLOCK_ROWS}-row blocks (never all in memory); "
+        f"{largest.get('queries', args.queries)} sampled rows as queries, their own match left "
         f"out; top-{K}; FAISS threads as in the last column (a row kept by --keep from an "
         "earlier run keeps its own); queries/s of one batched search of the "
         "index reloaded memory-mapped (median of the repeats after a warm-up). Peak RSS: the "
-        f"build's resident memory, {gib(baseline):.2f} GiB before any (interpreter, torch, "
-        "FAISS); the training sample is 39-64 rows a list as float32. "
-        f"Projection from the {largest:,}-row measurements below, in wall hours at each "
-        "row's threads."
+        f"build's resident memory{baseline_text}; the training sample is 39-64 rows a list as "
+        f"float32. Projection from the {rows:,}-row measurements below, in wall hours at the "
+        "threads of the row each is timed from (a spec built into another's lists: that one's)."
     )
-    projected = projection(
-        [row for row in measured if row["rows"] == largest], largest, args.dim, args.memory_gb
-    )
+    projected = projection(largest["results"], rows, dim, float(largest["memory_gb"]))
     return report(
-        "Indexes at scale (bench/index_scale.py)",
+        "Indexes at scale (bench/index_scale.py"
+        + (", reported from recorded measurements)" if args.measured is not None else ")"),
         [markdown_table(headers, table), markdown_table(proj_headers, projected)],
         results=None if args.no_save else results_path(args),
         notes=notes,

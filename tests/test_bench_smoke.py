@@ -156,6 +156,35 @@ def test_index_scale_reuses_lists_and_resumes(
     assert capsys.readouterr().out.count("measured before") == len(index_scale.DEFAULT_SPECS)
     rows = [line.split("|")[4:] for line in again.splitlines() if line.startswith("| 10000 |")]
     assert rows == [cells[4:] for cells in table]  # the same measurements
+    # the size's record, reported without building: the same table and projection
+    replayed = index_scale.main(["--no-save", "--measured", str(tmp_path / "measured-10000.json")])
+    assert "measured before" not in capsys.readouterr().out
+    assert [line for line in replayed.splitlines() if line.startswith("| ")] == [
+        line for line in first.splitlines() if line.startswith("| ")
+    ]
+
+
+def test_index_scale_recorded_10m_run() -> None:
+    """The committed record of the 10M-row run reports its table and the projection from it."""
+    from bench import index_scale
+
+    record = Path(index_scale.__file__).parent / "measured" / "index_scale_10m.json"
+    text = index_scale.main(["--no-save", "--measured", str(record)])
+    assert "| 10000000 | auto:memory_gb=8.0 | factory:IVF32768_HNSW32,SQ8," in text
+    assert "| 100,000,000 | auto:memory_gb=80.0 | factory:IVF262144_HNSW32,SQ8," in text
+    assert "| 1,000,000,000 | auto:memory_gb=800.0 | factory:IVF1048576_HNSW32,SQ8," in text
+
+
+def test_index_scale_bad_record(tmp_path: Path) -> None:
+    from bench import index_scale
+
+    broken = tmp_path / "measured-10.json"
+    broken.write_text('{"rows": 10, "dim": 4, "results": []}')
+    with pytest.raises(SystemExit, match=r"measured-10.json is not an index_scale record: missing"):
+        index_scale.main(["--no-save", "--measured", str(broken)])
+    broken.write_text("{")
+    with pytest.raises(SystemExit, match="cannot read the measurements"):
+        index_scale.main(["--no-save", "--measured", str(broken)])
 
 
 def test_throughput_quick() -> None:

@@ -345,3 +345,37 @@ def test_an_error_starts_on_its_own_line_after_a_progress_bar() -> None:
     result = CliRunner().invoke(failing, [])
     assert result.exit_code == 1
     assert any(line.startswith("Error: broken input") for line in result.output.splitlines())
+
+
+def test_db_add_to_a_read_only_database_fails_before_any_model_pass(
+    scenes, cli_db, tmp_path, monkeypatch
+) -> None:
+    """On a read-only mount `db add` with images to add stops with one Error line before the
+    models run (it used to fail at its first commit, after a batch of model passes). Skipped
+    where bind mounts are not permitted."""
+    from retclip.database import build
+
+    source = tmp_path / "db"
+    shutil.copytree(cli_db, source)
+    target = tmp_path / "ro"
+    target.mkdir()
+    mount = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mount.stderr.decode().strip()}")
+    passes: list[int] = []
+    real_batch_rows = build.batch_rows
+    monkeypatch.setattr(
+        build, "batch_rows", lambda *a, **k: passes.append(1) or real_batch_rows(*a, **k)
+    )
+    json_path, images = scenes["val"]  # images the database does not hold yet
+    add = ["db", "add", target, "--coco-panoptic", json_path, "--images", images]
+    try:
+        remount = ["mount", "-o", "remount,ro,bind", str(target)]
+        assert subprocess.run(remount, capture_output=True).returncode == 0
+        assert_error(run(*add, "--backbone", "color"), "cannot write to feature database", "ro")
+        assert passes == []
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    result = run("db", "add", source, *add[3:], "--backbone", "color")  # writable: it adds
+    assert result.exit_code == 0, result.output
+    assert passes and not list(source.glob(".write-probe*"))

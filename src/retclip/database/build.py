@@ -303,7 +303,8 @@ def pending_items(
 ) -> list[BuildItem]:
     """Check that the models can add rows to ``db`` (its recipe, a class-prompted proposer, the
     batch size) and record the pooling rule; returns the items not yet completed by
-    ``build_id``, in order (what a build, or a resumed one, still has to do)."""
+    ``build_id``, in order (what a build, or a resumed one, still has to do). With any left,
+    ``db`` must be writable (checked here, before any model pass)."""
     db.check_compatible(backbone.fingerprint, backbone.dim, pooling=pooling)
     db.record_pooling(pooling)
     if not proposer.gives_class_hints:
@@ -314,7 +315,10 @@ def pending_items(
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     done = db.completed_sources(build_id)
-    return [item for item in items if item.source not in done]
+    todo = [item for item in items if item.source not in done]
+    if todo:
+        db.check_writable()
+    return todo
 
 
 def commit_images(batch_size: int, commit_every: int | None) -> int:

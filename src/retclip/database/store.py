@@ -247,6 +247,17 @@ class FeatureDatabase:
             db._record_spec(index)
         return db, False
 
+    def check_writable(self) -> None:
+        """Fail now with one :class:`DatabaseError` if this database cannot be written (a
+        read-only mount, no permission): a build checks it before its first model pass, which
+        may take hours, rather than failing at its first commit. Creates and removes a probe
+        file under the writer lock (named as a temp file, so one a crash leaves is removed by the
+        next writer)."""
+        with self._writing():
+            probe = self._path / f".write-probe.tmp-{uuid.uuid4().hex[:12]}"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            probe.unlink()
+
     def discard_if_empty(self) -> bool:
         """Delete this database if no commit ever added to it (generation 0): what a build that
         created it and then failed leaves. Decided under the writer lock; ``True`` if deleted."""

@@ -107,7 +107,7 @@ def test_gpu_check_sh_dry_run_parses_and_runs_without_a_gpu(tmp_path: Path) -> N
     run = subprocess.run(
         ["bash", str(script), "--quick", "--no-save", "--paths", "db build", "--models-dir",
          str(tmp_path), "--batch-sizes", "1", "--precisions", "fp32"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert "| db build | float32 | fp32 | 1 |" in run.stdout
@@ -121,8 +121,18 @@ def test_gpu_check_refuses_to_start_without_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
-    run = subprocess.run([str(script)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "no CUDA device" in run.stderr
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run([str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2 and "no CUDA device" in run.stderr, run.stderr
+
+
+def test_gpu_check_names_an_interpreter_without_the_project() -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": "false"}  # an "interpreter" that imports nothing
+    run = subprocess.run([str(script), "--quick"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "false cannot import torch and retclip" in run.stderr
 
 
 def test_index_scale_quick() -> None:

@@ -297,9 +297,7 @@ def _shape(spec: IndexSpec, rows: int, dim: int) -> tuple[int, int, int]:
     return int(ivf.nlist), int(ivf.code_size), 8
 
 
-def measure_size(
-    rows: int, args: argparse.Namespace, workdir: Path
-) -> Record:  # fmt: skip
+def measure_size(rows: int, args: argparse.Namespace, workdir: Path) -> Record:
     """Exact search and every spec of ``args.specs`` at ``rows`` rows: the size's record (what
     :func:`table_rows` and :func:`projection` read), also written to ``--keep``'s folder."""
     source = Synthetic(rows, args.dim, args.classes)
@@ -307,8 +305,8 @@ def measure_size(
     queries = cached_queries(source, own, workdir if args.keep else None)
     source.generation_s = 0.0
     exact, exact_s = cached_exact_search(queries, source, workdir if args.keep else None)
-    measured: list[dict[str, object]] = []
-    base: tuple[dict[str, object], CoarseLists] | None = None
+    measured: list[Record] = []
+    base: tuple[Record, CoarseLists] | None = None
     for number, template in enumerate(args.specs):
         reuse = None
         if base is not None and plain_ivf_lists(template, rows, args) == _nlist(base[1]):
@@ -368,8 +366,12 @@ def load_records(paths: Sequence[Path]) -> list[Record]:
             raise SystemExit(f"Error: cannot read the measurements {path}: {error}") from None
         missing = needed - set(record) if isinstance(record, dict) else needed
         if not missing:
-            for row in record["results"]:
-                missing |= per_spec - set(row)
+            results = record["results"]
+            if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+                missing = {"results (a list of objects)"}
+            else:
+                for row in results:
+                    missing |= per_spec - set(row)
         if missing:
             raise SystemExit(
                 f"Error: {path} is not an index_scale record: missing {', '.join(sorted(missing))}"

@@ -508,3 +508,32 @@ def test_a_database_written_before_checksums_still_opens(tmp_path: Path) -> None
     db = FeatureDatabase.open(tmp_path / "db")
     db.add(rows(1, 7), ["cat"], sources=["z"])  # the next commit records a checksum
     assert "checksum" in json.loads(meta_path.read_text())
+
+
+def test_check_writable_does_not_wait_for_another_writer(tmp_path: Path) -> None:
+    """A build's up-front write check returns at once while another process holds the writer
+    lock (a long index build may), and leaves no probe file behind."""
+    make_db(tmp_path / "db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            import sys, time, filelock
+            with filelock.FileLock(sys.argv[1]):
+                print("held", flush=True)
+                time.sleep(60)
+            """
+        ), str(tmp_path / "db" / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys; from retclip.database import FeatureDatabase; "
+             "FeatureDatabase.open(sys.argv[1]).check_writable()", str(tmp_path / "db")],
+            timeout=30, capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list((tmp_path / "db").glob(".write-probe*"))

@@ -251,12 +251,16 @@ class FeatureDatabase:
         """Fail now with one :class:`DatabaseError` if this database cannot be written (a
         read-only mount, no permission): a build checks it before its first model pass, which
         may take hours, rather than failing at its first commit. Creates and removes a probe
-        file under the writer lock (named as a temp file, so one a crash leaves is removed by the
-        next writer)."""
-        with self._writing():
-            probe = self._path / f".write-probe.tmp-{uuid.uuid4().hex[:12]}"
+        file, without the writer lock (another writer may hold it for a long index build); it
+        is named as a temp file, so one a crash leaves is removed by the next writer."""
+        probe = self._path / f".write-probe.tmp-{uuid.uuid4().hex[:12]}"
+        try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # (or another writer's clean-up took it first)
+        except OSError as error:
+            raise DatabaseError(
+                f"cannot write to feature database {self._path}: {error.strerror or error}"
+            ) from None
 
     def discard_if_empty(self) -> bool:
         """Delete this database if no commit ever added to it (generation 0): what a build that

@@ -192,6 +192,10 @@ def test_index_scale_bad_record(tmp_path: Path) -> None:
     broken.write_text('{"rows": 10, "dim": 4, "results": []}')
     with pytest.raises(SystemExit, match=r"measured-10.json is not an index_scale record: missing"):
         index_scale.main(["--no-save", "--measured", str(broken)])
+    fields = '"dim": 4, "memory_gb": 1, "threads": 1, "exact_qps": 1'
+    broken.write_text('{"rows": 10, ' + fields + ', "results": {"spec": "flat"}}')
+    with pytest.raises(SystemExit, match=r"missing results \(a list of objects\)"):
+        index_scale.main(["--no-save", "--measured", str(broken)])
     broken.write_text("{")
     with pytest.raises(SystemExit, match="cannot read the measurements"):
         index_scale.main(["--no-save", "--measured", str(broken)])
